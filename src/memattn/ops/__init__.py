@@ -1,0 +1,1 @@
+"""One module per technique; ``dispatch.attention`` is the public entry point."""

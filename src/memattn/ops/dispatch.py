@@ -1,0 +1,117 @@
+"""``memattn.attention``: validate once, build the spec, run the chosen method."""
+from __future__ import annotations
+
+import torch
+
+from .. import kernels
+from .._validate import (check_dense_qkv, check_key_padding_mask, check_positive_int, check_window,
+                         resolve_scale)
+from ..masks import KeyPaddingMask, Mask, WindowMask, combine
+from .blockwise import blockwise_attention
+from .spec import AttentionSpec
+from .standard import checkpointed_attention, standard_attention
+
+METHODS = ("auto", "standard", "checkpoint", "blockwise")
+
+# Tile edges. The fused CPU kernel tiles internally, so its blocks only bound our merge
+# temporaries and set the mask granularity; the torch tile materialises a block_q x block_k
+# score tile per head, so it stays small.
+DEFAULT_BLOCK = {"cpu_flash": 1024, "torch": 256}
+AUTO_BLOCK_Q = 4096
+
+
+def _dense_mask_object(mask: torch.Tensor, q, k) -> Mask:
+    from ..masks import DenseMask  # defined with the other mask objects
+    return DenseMask(mask, batch=q.shape[0], heads=q.shape[2], seqlen_q=q.shape[1], seqlen_k=k.shape[1])
+
+
+def build_spec(q, k, *, causal, softmax_scale, key_padding_mask, window_size=(-1, -1), alibi_slopes=None,
+               softcap=0.0, mask=None) -> AttentionSpec:
+    """Validate the masking arguments and fold them into one AttentionSpec."""
+    b, sq, h, d = q.shape
+    sk = k.shape[1]
+    scale = resolve_scale(softmax_scale, d)
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    check_key_padding_mask(key_padding_mask, b, sk, q.device)
+    left, right = check_window(window_size)
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or softcap < 0:
+        raise ValueError(f"softcap must be a float >= 0 (0 = off), got {softcap!r}")
+    if causal:
+        right = 0 if right < 0 else min(right, 0)
+    structural = None if (left, right) == (-1, -1) else WindowMask(left, right)
+    if alibi_slopes is not None:
+        if not isinstance(alibi_slopes, torch.Tensor):
+            raise TypeError(f"alibi_slopes must be a tensor, got {type(alibi_slopes).__name__}")
+        if tuple(alibi_slopes.shape) not in ((h,), (b, h)):
+            raise ValueError(
+                f"alibi_slopes must have shape (heads,) = ({h},) or (batch, heads) = ({b}, {h}), "
+                f"got {tuple(alibi_slopes.shape)}")
+        if not alibi_slopes.is_floating_point():
+            raise TypeError(f"alibi_slopes must be float, got {alibi_slopes.dtype}")
+    extra = None
+    if mask is not None:
+        if isinstance(mask, Mask):
+            extra = mask
+        elif isinstance(mask, torch.Tensor):
+            extra = _dense_mask_object(mask, q, k)
+        else:
+            raise TypeError(f"mask must be a memattn mask object or a bool tensor, got {type(mask).__name__}")
+    kpm = KeyPaddingMask(key_padding_mask) if key_padding_mask is not None else None
+    return AttentionSpec(scale=scale, mask=combine(structural, extra, kpm), softcap=float(softcap),
+                         alibi_slopes=alibi_slopes)
+
+
+def run_method(q, k, v, spec: AttentionSpec, method: str, block_size: int | None):
+    """Dispatch to one method; returns (out, lse)."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    check_positive_int("block_size", block_size)
+    if method == "standard":
+        return standard_attention(q, k, v, spec)
+    if method == "checkpoint":
+        return checkpointed_attention(q, k, v, spec)
+    tiles = kernels.select(q, softcap=spec.softcap)
+    default = DEFAULT_BLOCK["cpu_flash" if tiles is kernels.cpu_flash else "torch"]
+    block_k = block_size or default
+    if method == "auto" and block_size is None and tiles is kernels.cpu_flash:
+        # One query block up to AUTO_BLOCK_Q rows: the fused kernel then runs SDPA's own loop.
+        block = min(max(q.shape[1], k.shape[1]), AUTO_BLOCK_Q)
+        return blockwise_attention(q, k, v, spec, block, block)
+    return blockwise_attention(q, k, v, spec, block_size or default, block_k)
+
+
+def attention(q, k, v, *, causal=False, softmax_scale=None, key_padding_mask=None, window_size=(-1, -1),
+              alibi_slopes=None, softcap=0.0, mask=None, method="auto", block_size=None, return_lse=False):
+    """Exact softmax attention with a choice of memory strategy.
+
+    Args:
+        q: (batch, seqlen_q, heads, head_dim). k, v: (batch, seqlen_k, kv_heads, head_dim) with
+            heads % kv_heads == 0 (MQA/GQA: query head h reads kv head h // (heads // kv_heads)).
+        causal: query i sees key j iff j <= i + Sk - Sq (aligned bottom-right, as FlashAttention >= 2.1).
+            Sq=2, Sk=5 (1 = visible)::
+
+                1 1 1 1 0
+                1 1 1 1 1
+
+        softmax_scale: default 1 / sqrt(head_dim).
+        key_padding_mask: bool (batch, seqlen_k), True = attend.
+        window_size: (left, right); key j is visible to query i iff
+            i + Sk - Sq - left <= j <= i + Sk - Sq + right; -1 = unbounded.
+        alibi_slopes: float32 (heads,) or (batch, heads): bias -slope * |i + Sk - Sq - j|.
+        softcap: scores -> softcap * tanh(scores / softcap); 0 = off.
+        mask: a ``memattn.masks`` object or a bool tensor broadcastable to (batch, heads, Sq, Sk).
+        method: "standard" (materialised scores), "checkpoint" (standard, recomputed in backward),
+            "blockwise" (tiled online softmax, O(S) memory), "auto" (fastest exact path).
+        block_size: tile edge for "blockwise" (default 1024 with the fused CPU tile, 256 otherwise).
+        return_lse: also return lse (batch, heads, seqlen_q), float32 (float64 for float64 input),
+            differentiable.
+    Returns:
+        out (batch, seqlen_q, heads, head_dim) in q's dtype, or (out, lse). Rows with no visible key
+        give out 0 and lse -inf.
+    """
+    check_dense_qkv(q, k, v)
+    spec = build_spec(q, k, causal=causal, softmax_scale=softmax_scale, key_padding_mask=key_padding_mask,
+                      window_size=window_size, alibi_slopes=alibi_slopes, softcap=softcap, mask=mask)
+    out, lse = run_method(q, k, v, spec, method, block_size)
+    return (out, lse) if return_lse else out
