@@ -2,10 +2,10 @@
 
 Layout: (batch, seqlen, heads, head_dim) everywhere; FlashAttention's argument names.
 """
-from . import masks, reference
+from . import masks, memory, reference
 from .ops.dispatch import attention
 from .ops.merge import merge_attention
 
 __version__ = "0.1.0"
 
-__all__ = ["attention", "merge_attention", "masks", "reference", "__version__"]
+__all__ = ["attention", "merge_attention", "masks", "memory", "reference", "__version__"]

@@ -99,8 +99,9 @@ def blockwise_forward(q, k, v, spec: AttentionSpec, block_q: int, block_k: int, 
     return out, lse
 
 
-# The fused backward returns dk/dv for a whole segment; capping segments keeps that temporary small.
-_FUSED_BACKWARD_MAX_RUN = 2048
+# The backward's temporaries (a query block's dq, a segment's dk/dv) scale with its tiles, so it
+# re-plans with tiles of at most this edge whatever the forward used.
+_BACKWARD_MAX_BLOCK = 1024
 
 
 def blockwise_backward(dout, q, k, v, out, lse, dlse, spec: AttentionSpec, block_q: int, block_k: int, tiles):
@@ -113,14 +114,16 @@ def blockwise_backward(dout, q, k, v, out, lse, dlse, spec: AttentionSpec, block
     dq = torch.zeros(q.shape, dtype=cd, device=q.device)
     dk = torch.zeros(k.shape, dtype=cd, device=k.device)
     dv = torch.zeros(v.shape, dtype=cd, device=v.device)
-    max_run = min(sk, _FUSED_BACKWARD_MAX_RUN) if tiles is kernels.cpu_flash else block_k
-    for q0, q1, segs in plan(spec, sq, sk, block_q, block_k, max_run):
+    block_q, block_k = min(block_q, _BACKWARD_MAX_BLOCK), min(block_k, _BACKWARD_MAX_BLOCK)
+    for q0, q1, segs in plan(spec, sq, sk, block_q, block_k, block_k):
         if not segs:
             continue
         qt, dot, ot, lt = q[:, q0:q1], dout[:, q0:q1], out[:, q0:q1], lse[:, :, q0:q1]
-        delta = (dot.to(cd) * ot.to(cd)).sum(-1).transpose(1, 2)  # (B, H, tq)
-        if dlse is not None:
-            delta = delta - dlse[:, :, q0:q1].to(cd)
+        delta = None  # the fused tile derives delta from `out` itself
+        if tiles is not kernels.cpu_flash:
+            delta = (dot.to(cd) * ot.to(cd)).sum(-1).transpose(1, 2)  # (B, H, tq)
+            if dlse is not None:
+                delta = delta - dlse[:, :, q0:q1].to(cd)
         for seg in segs:
             gq, gk, gv = tiles.tile_backward(dot, qt, k[:, seg.k0:seg.k1], v[:, seg.k0:seg.k1], ot, lt, delta,
                                              **_tile_args(spec, sq, sk, q0, q1, seg, q.device))

@@ -62,15 +62,15 @@ def build_spec(q, k, *, causal, softmax_scale, key_padding_mask, window_size=(-1
                          alibi_slopes=alibi_slopes)
 
 
-def run_method(q, k, v, spec: AttentionSpec, method: str, block_size: int | None):
-    """Dispatch to one method; returns (out, lse)."""
+def run_method(q, k, v, spec: AttentionSpec, method: str, block_size: int | None, return_lse: bool = True):
+    """Dispatch to one method; returns (out, lse). Only the materialising methods skip lse when not asked."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
     check_positive_int("block_size", block_size)
     if method == "standard":
-        return standard_attention(q, k, v, spec)
+        return standard_attention(q, k, v, spec, return_lse)
     if method == "checkpoint":
-        return checkpointed_attention(q, k, v, spec)
+        return checkpointed_attention(q, k, v, spec, return_lse)
     tiles = kernels.select(q, softcap=spec.softcap)
     default = DEFAULT_BLOCK["cpu_flash" if tiles is kernels.cpu_flash else "torch"]
     block_k = block_size or default
@@ -113,5 +113,5 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, key_padding_mask=Non
     check_dense_qkv(q, k, v)
     spec = build_spec(q, k, causal=causal, softmax_scale=softmax_scale, key_padding_mask=key_padding_mask,
                       window_size=window_size, alibi_slopes=alibi_slopes, softcap=softcap, mask=mask)
-    out, lse = run_method(q, k, v, spec, method, block_size)
+    out, lse = run_method(q, k, v, spec, method, block_size, return_lse)
     return (out, lse) if return_lse else out

@@ -1,27 +1,54 @@
-"""Standard attention: materialise the scores (the textbook row), and its checkpointed twin."""
+"""Standard attention: materialise the scores (the textbook row), and its checkpointed twin.
+
+This is the lean version a framework would run (PyTorch's MATH backend does the same):
+scale folded into q, one score matrix, an in-place mask, ``softmax`` (autograd keeps only its
+output), then ``probs @ v``. ``memattn.reference.attention`` is the readable oracle beside it.
+"""
 from __future__ import annotations
 
 import torch
 import torch.utils.checkpoint
 
-from .. import reference
 from .spec import AttentionSpec
 
 
-def standard_attention(q, k, v, spec: AttentionSpec):
+def standard_attention(q, k, v, spec: AttentionSpec, return_lse: bool = True):
     """Materialised attention in q's dtype; autograd keeps the (B, H, Sq, Sk) probabilities.
 
-    q (B, Sq, H, D), k/v (B, Sk, Hkv, D) -> out (B, Sq, H, D), lse (B, H, Sq).
+    q (B, Sq, H, D), k/v (B, Sk, Hkv, D) -> out (B, Sq, H, D), lse (B, H, Sq) (None unless return_lse).
     """
-    sq, sk = q.shape[1], k.shape[1]
-    mask = spec.mask.dense(sq, sk, q.device) if spec.mask is not None else None
+    b, sq, h, d = q.shape
+    sk, hkv = k.shape[1], k.shape[2]
+    qh = (q * spec.scale).transpose(1, 2)                             # (B, H, Sq, D)
+    kh = k.transpose(1, 2).repeat_interleave(h // hkv, dim=1) if h != hkv else k.transpose(1, 2)
+    vh = v.transpose(1, 2).repeat_interleave(h // hkv, dim=1) if h != hkv else v.transpose(1, 2)
+    scores = qh @ kh.transpose(-1, -2)                                # (B, H, Sq, Sk)
+    if spec.softcap:
+        scores = spec.softcap * torch.tanh(scores / spec.softcap)
     bias = spec.dense_bias(sq, sk, q.device)
-    out, lse = reference.attention(q, k, v, mask=mask, bias=bias, softmax_scale=spec.scale,
-                                   softcap=spec.softcap, return_lse=True)
-    return out, lse.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
+    if bias is not None:
+        scores = scores + bias.to(scores.dtype)
+    visible_rows = None
+    if spec.mask is not None:
+        mask = spec.mask.dense(sq, sk, q.device)
+        scores = scores.masked_fill(~mask, float("-inf"))
+        rows = mask.any(-1, keepdim=True)
+        if not bool(rows.all()):
+            visible_rows = rows
+            # a row with no visible key would give softmax NaN: give it finite scores, zero it after
+            scores = scores.masked_fill(~rows, 0.0)
+    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    lse = torch.logsumexp(scores.to(lse_dtype), dim=-1) if return_lse else None
+    probs = torch.softmax(scores, dim=-1)
+    if visible_rows is not None:
+        probs = probs * visible_rows
+        if lse is not None:
+            lse = lse.masked_fill(~visible_rows.squeeze(-1), float("-inf"))
+    out = (probs @ vh).transpose(1, 2)                                # (B, Sq, H, D)
+    return out, lse
 
 
-def checkpointed_attention(q, k, v, spec: AttentionSpec):
+def checkpointed_attention(q, k, v, spec: AttentionSpec, return_lse: bool = True):
     """Standard attention whose probabilities are recomputed in backward, not stored
     (torch.utils.checkpoint, non-reentrant). Same shapes as ``standard_attention``."""
-    return torch.utils.checkpoint.checkpoint(standard_attention, q, k, v, spec, use_reentrant=False)
+    return torch.utils.checkpoint.checkpoint(standard_attention, q, k, v, spec, return_lse, use_reentrant=False)
