@@ -41,7 +41,8 @@ def estimate(method: str, batch: int, seqlen: int, heads: int, head_dim: int, dt
     act = batch * seqlen * heads * head_dim * e          # one (B, S, H, D) tensor
     lse = batch * heads * seqlen * 4
     square = batch * heads * seqlen * seqlen * e         # one (B, H, S, S) tensor
-    tile = threads * block_size * block_size * 4 + 2 * batch * block_size * heads * head_dim * 4
+    # fused CPU kernel: a 256 x 512 float32 score buffer per thread; our schedule: two query-block accumulators
+    tile = threads * min(seqlen, 256) * min(seqlen, 512) * 4 + 2 * batch * min(seqlen, block_size) * heads * head_dim * 4
     state = batch * heads * head_dim * head_dim * 4
     if method in ("standard", "checkpoint"):
         transient = 2 * square

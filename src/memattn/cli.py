@@ -1,0 +1,141 @@
+"""The ``memattn`` command line. ``memattn compare`` is the main job."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        vals = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+    if not vals or any(v <= 0 for v in vals):
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return vals
+
+
+def _positive(text: str) -> int:
+    v = int(text)
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {v}")
+    return v
+
+
+def _print_table(header, rows, title=None):
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:
+        widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+        if title:
+            print(title)
+        for row in [header] + rows:
+            print("  ".join(str(c).rjust(w) for c, w in zip(row, widths)))
+        return
+    table = Table(title=title)
+    for i, h in enumerate(header):
+        table.add_column(h, justify="left" if i == 0 else "right")
+    for row in rows:
+        table.add_row(*row)
+    Console().print(table)
+
+
+class _Progress:
+    """A progress bar (rich if installed, else one line per step on stderr)."""
+
+    def __init__(self, total: int, label: str):
+        self.total, self.label, self.done = total, label, 0
+        try:
+            from rich.progress import Progress
+            self.bar = Progress(transient=True)
+            self.task = self.bar.add_task(label, total=total)
+        except ImportError:
+            self.bar = None
+
+    def __enter__(self):
+        if self.bar:
+            self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.bar:
+            self.bar.__exit__(*exc)
+
+    def step(self, text: str):
+        self.done += 1
+        if self.bar:
+            self.bar.update(self.task, advance=1, description=f"{self.label}: {text}")
+        else:
+            print(f"[{self.done}/{self.total}] {text}", file=sys.stderr, flush=True)
+
+
+def cmd_compare(args) -> int:
+    from . import compare
+
+    methods = args.methods.split(",") if args.methods else list(compare.METHODS)
+    unknown = [m for m in methods if m not in compare.METHODS]
+    if unknown:
+        print(f"error: unknown method(s) {', '.join(unknown)}; choose from {', '.join(compare.METHODS)}",
+              file=sys.stderr)
+        return 2
+    total = len(methods) * len(args.seq_lens)
+    with _Progress(total, "measuring") as bar:
+        records = compare.run_compare(
+            args.seq_lens, batch=args.batch, heads=args.heads, head_dim=args.head_dim, dtype=DTYPES[args.dtype],
+            backward=args.backward, layers=args.layers, methods=methods, repeats=args.repeats,
+            progress=lambda r: bar.step(f"{r.method} S={r.seq_len} {r.status}"))
+    what = f"forward + backward through {args.layers} layers" if args.backward else "forward, one layer"
+    title = (f"memattn compare: B={args.batch} H={args.heads} D={args.head_dim} {args.dtype}, {what} "
+             f"({torch.get_num_threads()} threads)")
+    _print_table(compare.TABLE_HEADER, compare.table_rows(records), title)
+    print(f"peak = measured peak bytes allocated during the call (torch profiler memory events); "
+          f"max err = vs float64 reference on {compare.ERR_ROWS * 2} query rows "
+          f"(window: same window; linear: vs softmax attention)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(compare.records_as_dicts(records), f, indent=1)
+        print(f"wrote {args.json}")
+    if args.plot:
+        try:
+            compare.plot(records, args.plot)
+            print(f"wrote {args.plot}")
+        except ImportError:
+            print("matplotlib is not installed: pip install 'memattn[cli]' for --plot", file=sys.stderr)
+            return 1
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="memattn", description="Memory-efficient attention: measure and run.")
+    sub = p.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("compare", help="the memory table (standard / checkpoint / blockwise / window / linear), "
+                                       "measured on this machine")
+    c.add_argument("--seq-lens", type=_int_list, default=[1024, 2048, 4096, 8192])
+    c.add_argument("--batch", type=_positive, default=1)
+    c.add_argument("--heads", type=_positive, default=8)
+    c.add_argument("--head-dim", type=_positive, default=64)
+    c.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    c.add_argument("--backward", action="store_true",
+                   help="measure a stack of --layers calls plus one backward pass through all of them")
+    c.add_argument("--layers", type=_positive, default=4)
+    c.add_argument("--methods", default=None, help="comma-separated subset of the methods")
+    c.add_argument("--repeats", type=_positive, default=3, help="timed runs per cell (median reported)")
+    c.add_argument("--plot", default=None, metavar="PNG")
+    c.add_argument("--json", default=None, metavar="PATH")
+    c.set_defaults(func=cmd_compare)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
