@@ -5,7 +5,8 @@ Layout: (batch, seqlen, heads, head_dim) everywhere; FlashAttention's argument n
 from . import masks, memory, reference
 from .ops.dispatch import attention
 from .ops.merge import merge_attention
+from .ops.varlen import attention_varlen
 
 __version__ = "0.1.0"
 
-__all__ = ["attention", "merge_attention", "masks", "memory", "reference", "__version__"]
+__all__ = ["attention", "attention_varlen", "merge_attention", "masks", "memory", "reference", "__version__"]

@@ -6,7 +6,7 @@ import torch
 from .. import kernels
 from .._validate import (check_dense_qkv, check_key_padding_mask, check_positive_int, check_window,
                          resolve_scale)
-from ..masks import KeyPaddingMask, Mask, WindowMask, combine
+from ..masks import DenseMask, KeyPaddingMask, Mask, WindowMask, combine
 from .blockwise import blockwise_attention
 from .spec import AttentionSpec
 from .standard import checkpointed_attention, standard_attention
@@ -20,15 +20,12 @@ DEFAULT_BLOCK = {"cpu_flash": 1024, "torch": 256}
 AUTO_BLOCK_Q = 4096
 
 
-def _dense_mask_object(mask: torch.Tensor, q, k) -> Mask:
-    from ..masks import DenseMask  # defined with the other mask objects
-    return DenseMask(mask, batch=q.shape[0], heads=q.shape[2], seqlen_q=q.shape[1], seqlen_k=k.shape[1])
-
-
 def build_spec(q, k, *, causal, softmax_scale, key_padding_mask, window_size=(-1, -1), alibi_slopes=None,
-               softcap=0.0, mask=None) -> AttentionSpec:
-    """Validate the masking arguments and fold them into one AttentionSpec."""
+               softcap=0.0, mask=None, num_sequences=None) -> AttentionSpec:
+    """Validate the masking arguments and fold them into one AttentionSpec.
+    num_sequences: the batch that (batch, heads) ALiBi slopes index (packed input: the sequence count)."""
     b, sq, h, d = q.shape
+    nb = b if num_sequences is None else num_sequences
     sk = k.shape[1]
     scale = resolve_scale(softmax_scale, d)
     if not isinstance(causal, bool):
@@ -43,9 +40,9 @@ def build_spec(q, k, *, causal, softmax_scale, key_padding_mask, window_size=(-1
     if alibi_slopes is not None:
         if not isinstance(alibi_slopes, torch.Tensor):
             raise TypeError(f"alibi_slopes must be a tensor, got {type(alibi_slopes).__name__}")
-        if tuple(alibi_slopes.shape) not in ((h,), (b, h)):
+        if tuple(alibi_slopes.shape) not in ((h,), (nb, h)):
             raise ValueError(
-                f"alibi_slopes must have shape (heads,) = ({h},) or (batch, heads) = ({b}, {h}), "
+                f"alibi_slopes must have shape (heads,) = ({h},) or (batch, heads) = ({nb}, {h}), "
                 f"got {tuple(alibi_slopes.shape)}")
         if not alibi_slopes.is_floating_point():
             raise TypeError(f"alibi_slopes must be float, got {alibi_slopes.dtype}")
@@ -54,12 +51,23 @@ def build_spec(q, k, *, causal, softmax_scale, key_padding_mask, window_size=(-1
         if isinstance(mask, Mask):
             extra = mask
         elif isinstance(mask, torch.Tensor):
-            extra = _dense_mask_object(mask, q, k)
+            extra = DenseMask(mask, batch=b, heads=h, seqlen_q=sq, seqlen_k=sk)
         else:
             raise TypeError(f"mask must be a memattn mask object or a bool tensor, got {type(mask).__name__}")
     kpm = KeyPaddingMask(key_padding_mask) if key_padding_mask is not None else None
     return AttentionSpec(scale=scale, mask=combine(structural, extra, kpm), softcap=float(softcap),
                          alibi_slopes=alibi_slopes)
+
+
+def default_block(spec: AttentionSpec, tiles) -> int:
+    """Tile edge when the caller gives none: a block-sparse layout's own block; for a sliding
+    window about 1/8 of its width (so edge tiles waste little), else the implementation's default."""
+    mask = spec.mask
+    if mask is not None and mask.preferred_block:
+        return mask.preferred_block
+    if mask is not None and mask.max_keys_per_row is not None:
+        return max(32, min(256, 1 << max(0, (mask.max_keys_per_row // 8).bit_length() - 1)))
+    return DEFAULT_BLOCK["cpu_flash" if tiles is kernels.cpu_flash else "torch"]
 
 
 def run_method(q, k, v, spec: AttentionSpec, method: str, block_size: int | None, return_lse: bool = True):
@@ -72,9 +80,10 @@ def run_method(q, k, v, spec: AttentionSpec, method: str, block_size: int | None
     if method == "checkpoint":
         return checkpointed_attention(q, k, v, spec, return_lse)
     tiles = kernels.select(q, softcap=spec.softcap)
-    default = DEFAULT_BLOCK["cpu_flash" if tiles is kernels.cpu_flash else "torch"]
+    default = default_block(spec, tiles)
     block_k = block_size or default
-    if method == "auto" and block_size is None and tiles is kernels.cpu_flash:
+    dense_or_causal = spec.mask is None or (isinstance(spec.mask, WindowMask) and spec.mask.left < 0)
+    if method == "auto" and block_size is None and tiles is kernels.cpu_flash and dense_or_causal:
         # One query block up to AUTO_BLOCK_Q rows: the fused kernel then runs SDPA's own loop.
         block = min(max(q.shape[1], k.shape[1]), AUTO_BLOCK_Q)
         return blockwise_attention(q, k, v, spec, block, block)

@@ -18,14 +18,23 @@ class AttentionSpec:
     softcap: float = 0.0
     alibi_slopes: torch.Tensor | None = None
 
-    def tile_bias(self, seqlen_q, seqlen_k, q0, q1, k0, k1, device=None):
-        """ALiBi bias of one tile, (B|1, H, tq, tk) float32, or None."""
+    @property
+    def translation_invariant(self) -> bool:
+        """True if mask and bias depend on i - j alone (one tile pattern serves a whole band of tiles)."""
+        return ((self.mask is None or self.mask.translation_invariant)
+                and (self.alibi_slopes is None or self.alibi_slopes.dim() == 1))
+
+    def tile_bias(self, seqlen_q, seqlen_k, q0, q1, k0, k1, device=None, sequence: int | None = None):
+        """ALiBi bias of one tile, (B|1, H, tq, tk) float32, or None. `sequence` picks one row of
+        (B, H) slopes (packed variable-length input, where each sequence is its own problem)."""
         if self.alibi_slopes is None:
             return None
         i = torch.arange(q0, q1, device=device).unsqueeze(1) + (seqlen_k - seqlen_q)
         j = torch.arange(k0, k1, device=device).unsqueeze(0)
         dist = (i - j).abs().to(torch.float32)
         slopes = self.alibi_slopes.to(torch.float32)
+        if sequence is not None and slopes.dim() == 2:
+            slopes = slopes[sequence]
         slopes = slopes.view(1, -1, 1, 1) if slopes.dim() == 1 else slopes.view(*slopes.shape, 1, 1)
         return -slopes * dist
 
