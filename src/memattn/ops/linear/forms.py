@@ -46,38 +46,53 @@ def recurrent(fq, fk, v, s0):
     return y, s
 
 
-def _chunk_scan(q, k, v, s0, chunk: int, reverse: bool):
+def _chunk_scan(q, k, v, s0, reverse: bool):
     """Inclusive causal (reverse=False) or anti-causal (reverse=True) linear attention, no autograd.
 
-    q (N, S, Dk), k (N, S, Dk), v (N, S, Dv), s0 (N, Dk, Dv) -> y (N, S, Dv), s_final.
+    Chunk-major: q (nc, N, C, Dk), k (nc, N, C, Dk), v (nc, N, C, Dv), s0 (N, Dk, Dv), all
+    contiguous -> y (nc, N, C, Dv), s_final (N, Dk, Dv). Chunk-major keeps every group a
+    contiguous block, so the batched matmuls below read it in place.
     Anti-causal: y_i = q_i^T (s0 + sum_{j >= i} k_j v_j^T), the backward's shape of sum.
     """
-    n, s, dk = q.shape
+    nc, n, c, _ = q.shape
     dv = v.shape[-1]
-    pad = (-s) % chunk
-    if pad:  # zero keys and values add nothing to any state; padded rows are dropped
-        q, k, v = (torch.nn.functional.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
-    nc = (s + pad) // chunk
-    q, k, v = (t.reshape(n, nc, chunk, t.shape[-1]) for t in (q, k, v))
-    keep = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device)
-    keep = keep.triu() if reverse else keep.tril()
-    y = torch.empty(n, nc, chunk, dv, dtype=q.dtype, device=q.device)
+    keep = torch.ones(c, c, dtype=torch.bool, device=q.device)
+    drop = ~(keep.triu() if reverse else keep.tril())
+    y = torch.empty(nc, n, c, dv, dtype=q.dtype, device=q.device)
     state = s0
     starts = range(0, nc, GROUP_CHUNKS)
     for g0 in (reversed(starts) if reverse else starts):
         g1 = min(nc, g0 + GROUP_CHUNKS)
-        qg, kg, vg = q[:, g0:g1], k[:, g0:g1], v[:, g0:g1]
-        kv = kg.transpose(-1, -2) @ vg                                    # (N, G, Dk, Dv)
-        run = (kv.flip(1).cumsum(1).flip(1) if reverse else kv.cumsum(1))  # inclusive, per chunk
-        before = state.unsqueeze(1) + (run - kv)                          # state entering each chunk
-        a = (qg @ kg.transpose(-1, -2)).masked_fill_(~keep, 0)
-        y[:, g0:g1] = qg @ before + a @ vg
-        state = state + run[:, 0 if reverse else -1]
-    return y.reshape(n, nc * chunk, dv)[:, :s], state
+        qg, kg, vg, yg = q[g0:g1], k[g0:g1], v[g0:g1], y[g0:g1]
+        kv = kg.transpose(-1, -2) @ vg                 # (G, N, Dk, Dv): each chunk's sum
+        run = kv.cumsum(0)                             # inclusive, from the group's start
+        total = run[-1].clone()
+        # State entering each chunk in scan order: causal state + run - kv, anti-causal state + total - run.
+        before = run.sub_(kv).add_(state) if not reverse else run.neg_().add_(state + total)
+        torch.matmul(qg, before, out=yg)
+        a = (qg @ kg.transpose(-1, -2)).masked_fill_(drop, 0)
+        yg.view(-1, c, dv).baddbmm_(a.view(-1, c, c), vg.view(-1, c, dv))
+        state = state + total
+    return y, state
+
+
+def _to_chunks(x: torch.Tensor, chunk: int) -> torch.Tensor:
+    """(N, S, D) -> (nc, N, C, D) contiguous, zero-padded to a whole chunk (zeros add nothing to states)."""
+    n, s, d = x.shape
+    pad = (-s) % chunk
+    if pad:
+        x = torch.nn.functional.pad(x, (0, 0, 0, pad))
+    return x.reshape(n, -1, chunk, d).transpose(0, 1).contiguous()
+
+
+def _from_chunks(y: torch.Tensor, s: int) -> torch.Tensor:
+    nc, n, c, d = y.shape
+    return y.transpose(0, 1).reshape(n, nc * c, d)[:, :s]
 
 
 class _ChunkedCausal(torch.autograd.Function):
-    """Chunked causal form. Backward = three scans of the forward's kind (no stored states):
+    """Chunked causal form on chunk-major tensors. Backward = three scans of the forward's kind,
+    recomputing chunk states instead of storing them:
 
         dfq = scan(dy, v, fk, s0^T)                      causal
         dv, ds0 = scan(fk, fq, dy, ds_final)             anti-causal (its final state is ds0)
@@ -85,26 +100,24 @@ class _ChunkedCausal(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, fq, fk, v, s0, chunk):
-        y, s_final = _chunk_scan(fq, fk, v, s0, chunk, reverse=False)
+    def forward(ctx, fq, fk, v, s0):
+        y, s_final = _chunk_scan(fq, fk, v, s0, reverse=False)
         ctx.save_for_backward(fq, fk, v, s0)
-        ctx.chunk = chunk
         ctx.set_materialize_grads(False)
         return y, s_final
 
     @staticmethod
     def backward(ctx, dy, ds_final):
         fq, fk, v, s0 = ctx.saved_tensors
-        c = ctx.chunk
-        if ds_final is None:
-            ds_final = torch.zeros_like(s0)
-        if dy is None:
-            dy = torch.zeros(v.shape, dtype=v.dtype, device=v.device)
-        dfq = _chunk_scan(dy, v, fk, s0.transpose(-1, -2), c, reverse=False)[0]
-        dv, ds0 = _chunk_scan(fk, fq, dy, ds_final, c, reverse=True)
-        dfk = _chunk_scan(v, dy, fq, ds_final.transpose(-1, -2), c, reverse=True)[0]
-        return dfq, dfk, dv, ds0, None
+        ds_final = torch.zeros_like(s0) if ds_final is None else ds_final.contiguous()
+        dy = torch.zeros_like(v) if dy is None else dy.contiguous()
+        dfq = _chunk_scan(dy, v, fk, s0.transpose(-1, -2), reverse=False)[0]
+        dv, ds0 = _chunk_scan(fk, fq, dy, ds_final, reverse=True)
+        dfk = _chunk_scan(v, dy, fq, ds_final.transpose(-1, -2), reverse=True)[0]
+        return dfq, dfk, dv, ds0
 
 
 def chunked(fq, fk, v, s0, chunk: int):
-    return _ChunkedCausal.apply(fq.contiguous(), fk.contiguous(), v.contiguous(), s0.contiguous(), chunk)
+    y, s = _ChunkedCausal.apply(_to_chunks(fq, chunk), _to_chunks(fk, chunk), _to_chunks(v, chunk),
+                                s0.contiguous())
+    return _from_chunks(y, fq.shape[1]), s
