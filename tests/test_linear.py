@@ -98,6 +98,13 @@ def test_chunked_any_chunk_size_gqa_no_state(gen, chunk_size):
     assert_f64_close(got, ref, f"chunked(C={chunk_size}) vs naive")
 
 
+@pytest.mark.parametrize("form", ["naive", "recurrent", "chunked"])
+def test_empty_sequence_keeps_the_state(gen, form):
+    q, k, v, init = make_inputs(gen, 1, 0, 2, 8)
+    out, (kv, z) = linear_attention(q, k, v, causal=True, form=form, initial_state=init, output_final_state=True)
+    assert out.shape == (1, 0, 2, 8) and torch.equal(kv, init[0]) and torch.equal(z, init[1])
+
+
 def test_noncausal_matches_naive_with_unequal_lengths(gen):
     q = rand(gen, 2, 147, 3, 32)
     _, k, v, init = make_inputs(gen, 2, 203, 3, 32)

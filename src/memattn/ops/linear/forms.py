@@ -82,7 +82,7 @@ def _to_chunks(x: torch.Tensor, chunk: int) -> torch.Tensor:
     pad = (-s) % chunk
     if pad:
         x = torch.nn.functional.pad(x, (0, 0, 0, pad))
-    return x.reshape(n, -1, chunk, d).transpose(0, 1).contiguous()
+    return x.reshape(n, (s + pad) // chunk, chunk, d).transpose(0, 1).contiguous()
 
 
 def _from_chunks(y: torch.Tensor, s: int) -> torch.Tensor:
