@@ -33,7 +33,7 @@ from .merge import merge_attention
 from .spec import AttentionSpec
 
 # Key (and value) scratch per decode step, and the key segment of the prefill schedule.
-DECODE_SCRATCH_BYTES = 4 << 20
+DECODE_SCRATCH_BYTES = 8 << 20
 PREFILL_BLOCK_Q = 1024
 PREFILL_BLOCK_K = 1024
 
@@ -172,6 +172,16 @@ def _prefill_sequence(q, key_cache, value_cache, table_row, ctx_len, spec, tiles
     return out, lse
 
 
+def _merge_all(outs, lses):
+    """Merge partial results over disjoint keys as a balanced tree: log2(n) batched merge calls."""
+    o, l = torch.stack(outs), torch.stack(lses)
+    while o.shape[0] > 1:
+        half = o.shape[0] // 2
+        mo, ml = merge_attention(o[:half], l[:half], o[half:2 * half], l[half:2 * half])
+        o, l = torch.cat([mo, o[2 * half:]]), torch.cat([ml, l[2 * half:]])
+    return o[0], l[0]
+
+
 def _decode(q, key_cache, value_cache, block_table, ctx_lens, spec, tiles):
     """One query per sequence: q (B, 1, H, D); returns out (B, 1, H, D), lse (B, H, 1) in the compute dtype.
 
@@ -193,27 +203,34 @@ def _decode(q, key_cache, value_cache, block_table, ctx_lens, spec, tiles):
     v_scr = torch.empty_like(k_scr)
     # GQA: the g query heads of a kv head become g query rows of that head: (B, g, Hkv, D).
     qx = q.view(b, hkv, g, d).transpose(1, 2)
-    offs = torch.arange(c, device=dev)
+    # Every step's block ids and whether it needs a mask, computed once (small (B, steps*C) tensors).
+    n_steps = -(-steps_blocks // c)
+    cols = first.unsqueeze(1) + torch.arange(n_steps * c, device=dev)  # (B, steps*C) logical blocks
+    live = cols < end.unsqueeze(1)
+    ids = torch.where(live, block_table.gather(1, cols.clamp(max=block_table.shape[1] - 1)), 0)
+    ids = ids.view(b, n_steps, c).transpose(0, 1).contiguous()  # (steps, B, C)
+    inside = (cols * bs >= start.unsqueeze(1)) & ((cols + 1) * bs <= lens.unsqueeze(1))  # block wholly visible
+    needs_mask = (~inside).view(b, n_steps, c).any(2).any(0).tolist()
     tok = torch.arange(bs, device=dev)
     slopes = spec.alibi_slopes
     if slopes is not None:
         slopes = slopes.to(device=dev, dtype=torch.float32).view(-1, hkv, g, 1)
-    acc = None
-    for s in range(0, steps_blocks, c):
-        cols = first.unsqueeze(1) + s + offs  # (B, C) logical block numbers
-        live = cols < end.unsqueeze(1)
-        ids = torch.where(live, block_table.gather(1, cols.clamp(max=block_table.shape[1] - 1).to(torch.int64)), 0)
-        torch.index_select(key_cache, 0, ids.view(-1), out=k_scr)
-        torch.index_select(value_cache, 0, ids.view(-1), out=v_scr)
-        pos = (cols.unsqueeze(2) * bs + tok).view(b, c * bs)  # logical token positions
-        visible = (pos >= start.unsqueeze(1)) & (pos < lens.unsqueeze(1))
-        mask = None if bool(visible.all()) else visible.view(b, 1, 1, c * bs)
-        bias = None
-        if slopes is not None:  # -slope * (L - 1 - j), per (B|1, Hkv, g) -> rows of (B, Hkv, g, T)
-            bias = -slopes * (lens.unsqueeze(1) - 1 - pos).to(torch.float32).view(b, 1, 1, c * bs)
+    outs, lses = [], []
+    for s in range(n_steps):
+        torch.index_select(key_cache, 0, ids[s].view(-1), out=k_scr)
+        torch.index_select(value_cache, 0, ids[s].view(-1), out=v_scr)
+        mask = bias = None
+        if needs_mask[s] or slopes is not None:
+            pos = (cols[:, s * c:(s + 1) * c].unsqueeze(2) * bs + tok).view(b, c * bs)  # logical token positions
+            if needs_mask[s]:
+                mask = ((pos >= start.unsqueeze(1)) & (pos < lens.unsqueeze(1))).view(b, 1, 1, c * bs)
+            if slopes is not None:  # -slope * (L - 1 - j), per (B|1, Hkv, g) -> rows of (B, Hkv, g, T)
+                bias = -slopes * (lens.unsqueeze(1) - 1 - pos).to(torch.float32).view(b, 1, 1, c * bs)
         o, l = tiles.tile_forward(qx, k_scr.view(b, c * bs, hkv, d), v_scr.view(b, c * bs, hkv, d),
                                   scale=spec.scale, mask=mask, bias=bias, softcap=spec.softcap)
-        acc = (o, l) if acc is None else merge_attention(*acc, o, l)
+        outs.append(o)
+        lses.append(l)
+    acc = _merge_all(outs, lses)
     o, l = acc  # o (B, g, Hkv, D), l (B, Hkv, g)
     return o.transpose(1, 2).reshape(b, 1, h, d), l.reshape(b, h, 1)
 
