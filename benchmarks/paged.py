@@ -5,9 +5,11 @@
 decode-*: 32 sequences of 4096 cached tokens, block 16, D=64, fp32, block ids a random permutation
 (a fragmented pool). memattn.paged_attention reads the paged cache; the baseline is
 torch.nn.functional.scaled_dot_product_attention on a contiguous (B, Hkv, S, D) cache holding the same
-keys. Both are checked against float64 first, then timed interleaved (A B A B ...) after a warm-up,
+keys in (B, Hkv, S, D) (the layout SDPA and Hugging Face caches use); also timed, SDPA on the same keys
+in memattn's own (B, S, Hkv, D) cache layout (baseline_bshd_time_s). All are checked against float64 first, then timed interleaved (A B A B ...) after a warm-up,
 median of --repeats. kv_gbps = K+V bytes / time; copy_gbps = bytes / time of one large tensor copy
-in the same run (the machine's copy bandwidth; each byte counted once).
+in the same run (the machine's copy bandwidth; each byte counted once). --threads 2 1 repeats the decode
+cases with each torch thread count (on a shared, oversubscribed machine the 1-thread figures are the stable ones).
 
 waste-1000req: 1,000 requests, prompt and output lengths drawn (seed 0) from log-normal distributions,
 prompt = exp(N(ln 300, 1.0)), output = exp(N(ln 120, 1.0)), each at least 1, scaled down together
@@ -90,16 +92,22 @@ def decode_case(name, batch, heads, kv_heads, ctx, repeats, block=16, d=64):
     def sdpa():
         return torch.nn.functional.scaled_dot_product_attention(q_bhsd, k_bhsd, v_bhsd, enable_gqa=gqa).transpose(1, 2)
 
+    def sdpa_bshd():  # the same keys in memattn's own (B, S, Hkv, D) layout, passed to SDPA as transposed views
+        return torch.nn.functional.scaled_dot_product_attention(q_bhsd, k_bshd.transpose(1, 2), v_bshd.transpose(1, 2),
+                                                                enable_gqa=gqa).transpose(1, 2)
+
+    k_bshd, v_bshd = k_bhsd.transpose(1, 2).contiguous(), v_bhsd.transpose(1, 2).contiguous()
     ref = torch.nn.functional.scaled_dot_product_attention(q_bhsd.double(), k_bhsd.double(), v_bhsd.double(),
                                                            enable_gqa=gqa).transpose(1, 2)
     err, base_err = (ours().double() - ref).abs().max().item(), (sdpa().double() - ref).abs().max().item()
     assert err <= 2 * base_err + 1e-6, (err, base_err)
-    t_ours, t_base = _interleaved([ours, sdpa], repeats)
+    t_ours, t_base, t_bshd = _interleaved([ours, sdpa, sdpa_bshd], repeats)
     kv_bytes = 2 * batch * ctx * kv_heads * d * 4
     return dict(case=name, impl="memattn.paged_attention", baseline="torch.sdpa (contiguous cache)",
                 time_s=t_ours, baseline_time_s=t_base, speedup=t_base / t_ours,
                 peak_mib=_peak_mib(ours), baseline_peak_mib=_peak_mib(sdpa), max_err=err, baseline_max_err=base_err,
                 kv_gbps=kv_bytes / t_ours / 1e9, baseline_kv_gbps=kv_bytes / t_base / 1e9,
+                baseline_bshd_time_s=t_bshd, speedup_vs_bshd=t_bshd / t_ours, threads=torch.get_num_threads(),
                 block_size=block, batch=batch, heads=heads, kv_heads=kv_heads, ctx=ctx, head_dim=d,
                 block_table="random permutation")
 
@@ -204,21 +212,25 @@ def main(argv=None):
     ap.add_argument("--json", help="write the records to this path")
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--cases", nargs="*", default=list(CASES), choices=list(CASES))
+    ap.add_argument("--threads", nargs="*", type=int, default=[torch.get_num_threads()],
+                    help="torch thread counts to time the decode cases with (each gives its own records)")
     args = ap.parse_args(argv)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     records = []
-    copy = copy_gbps(repeats=args.repeats)
     for name in args.cases:
-        rec = CASES[name](args.repeats)
-        if name.startswith("decode"):
-            rec["copy_gbps"] = copy
-            rec["kv_gbps_over_copy"] = rec["kv_gbps"] / copy
-        records.append(rec)
-    print(f"{'case':32} {'ours':>10} {'baseline':>10} {'speedup':>8} {'GB/s':>7} {'base GB/s':>9} {'copy':>6}")
+        for threads in (args.threads if name.startswith("decode") else [torch.get_num_threads()]):
+            torch.set_num_threads(threads)
+            rec = CASES[name](args.repeats)
+            if name.startswith("decode"):
+                rec["copy_gbps"] = copy_gbps(repeats=args.repeats)
+                rec["kv_gbps_over_copy"] = rec["kv_gbps"] / rec["copy_gbps"]
+            records.append(rec)
+    print(f"{'case':32} {'thr':>3} {'ours':>10} {'sdpa bhsd':>10} {'speedup':>8} {'sdpa bshd':>10} {'speedup':>8} "
+          f"{'GB/s':>6} {'base':>6} {'copy':>6}")
     for r in records:
         if "kv_gbps" in r:
-            print(f"{r['case']:32} {r['time_s'] * 1e3:8.1f}ms {r['baseline_time_s'] * 1e3:8.1f}ms {r['speedup']:8.2f} "
-                  f"{r['kv_gbps']:7.1f} {r['baseline_kv_gbps']:9.1f} {r['copy_gbps']:6.1f}")
+            print(f"{r['case']:32} {r['threads']:3d} {r['time_s'] * 1e3:8.1f}ms {r['baseline_time_s'] * 1e3:8.1f}ms "
+                  f"{r['speedup']:8.2f} {r['baseline_bshd_time_s'] * 1e3:8.1f}ms {r['speedup_vs_bshd']:8.2f} "
+                  f"{r['kv_gbps']:6.1f} {r['baseline_kv_gbps']:6.1f} {r['copy_gbps']:6.1f}")
         else:
             p, c = r["paged"], r["contiguous"]
             print(f"{r['case']:32} paged: util {p['kv_utilization_pct']:.1f}%  partial-block waste "

@@ -33,7 +33,7 @@ from .merge import merge_attention
 from .spec import AttentionSpec
 
 # Key (and value) scratch per decode step, and the key segment of the prefill schedule.
-DECODE_SCRATCH_BYTES = 8 << 20
+DECODE_SCRATCH_BYTES = 16 << 20
 PREFILL_BLOCK_Q = 1024
 PREFILL_BLOCK_K = 1024
 
@@ -88,6 +88,9 @@ def _prepare(q, key_cache, value_cache, block_table, cache_seqlens, cu_seqlens_q
         raise ValueError(f"query heads ({h}) must be a multiple of cache kv heads ({hkv})")
     _check_int32("block_table", block_table, 2)
     _check_int32("cache_seqlens", cache_seqlens, 1)
+    for name, t in (("block_table", block_table), ("cache_seqlens", cache_seqlens), ("cu_seqlens_q", cu_seqlens_q)):
+        if isinstance(t, torch.Tensor) and t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
     batch = block_table.shape[0]
     if cache_seqlens.shape[0] != batch:
         raise ValueError(f"cache_seqlens has {cache_seqlens.shape[0]} entries but block_table has {batch} rows")
