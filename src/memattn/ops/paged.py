@@ -16,12 +16,12 @@ Two schedules:
 - prefill / chunked prefill (packed queries): per sequence, the blockwise ``plan`` over
   (Lq new queries) x (L context keys), each key segment gathered from its blocks when needed.
 
-Scratch is bounded by ``scratch_bytes`` per step (keys and values each), never the whole context.
+Scratch is bounded by ``DECODE_SCRATCH_BYTES`` per decode step (keys and values each) and by
+``PREFILL_BLOCK_K`` tokens per prefill segment, never the whole context.
 """
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import torch
 
@@ -33,7 +33,7 @@ from .merge import merge_attention
 from .spec import AttentionSpec
 
 # Key (and value) scratch per decode step, and the key segment of the prefill schedule.
-DECODE_SCRATCH_BYTES = 16 << 20
+DECODE_SCRATCH_BYTES = 8 << 20
 PREFILL_BLOCK_Q = 1024
 PREFILL_BLOCK_K = 1024
 
