@@ -2,13 +2,14 @@
 
 Layout: (batch, seqlen, heads, head_dim) everywhere; FlashAttention's argument names.
 """
-from . import masks, memory, reference
+from . import cache, masks, memory, reference
 from .ops.dispatch import attention
 from .ops.linear import LinearAttentionState, linear_attention
 from .ops.merge import merge_attention
+from .ops.paged import paged_attention
 from .ops.varlen import attention_varlen
 
 __version__ = "0.1.0"
 
-__all__ = ["attention", "attention_varlen", "merge_attention", "linear_attention", "LinearAttentionState",
-           "masks", "memory", "reference", "__version__"]
+__all__ = ["attention", "attention_varlen", "merge_attention", "paged_attention", "linear_attention",
+           "LinearAttentionState", "cache", "masks", "memory", "reference", "__version__"]

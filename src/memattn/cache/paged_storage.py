@@ -1,0 +1,127 @@
+"""Paged KV storage: the block pool that ``BlockManager`` hands out and ``paged_attention`` reads.
+
+One tensor holds every layer's keys and values, ``(2, num_layers, num_blocks, block_size, kv_heads, head_dim)``;
+``key_cache(layer)`` / ``value_cache(layer)`` are views in the layout ``paged_attention`` takes.
+Blocks can be swapped to a second tier: host memory when the pool is on an accelerator, and for a
+CPU pool either more host memory or a memory-mapped file (``swap_path``).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def _as_index(ids, device) -> torch.Tensor:
+    return torch.as_tensor(list(ids) if not isinstance(ids, torch.Tensor) else ids, dtype=torch.int64).to(device)
+
+
+class PagedKVCache:
+    """Block pool for all layers, plus an optional swap tier.
+
+    Args:
+        num_layers, num_blocks, block_size, kv_heads, head_dim: pool geometry.
+        dtype, device: of the pool.
+        swap_blocks: slots in the second tier (0 = no swapping).
+        swap_path: with a CPU pool, back the second tier with a memory-mapped file at this path
+            (created or overwritten); otherwise it is host memory (pinned when the pool is on CUDA).
+    """
+
+    def __init__(self, num_layers: int, num_blocks: int, block_size: int, kv_heads: int, head_dim: int, *,
+                 dtype=torch.float32, device="cpu", swap_blocks: int = 0, swap_path: str | None = None):
+        for name, value in (("num_layers", num_layers), ("num_blocks", num_blocks), ("block_size", block_size),
+                            ("kv_heads", kv_heads), ("head_dim", head_dim)):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if isinstance(swap_blocks, bool) or not isinstance(swap_blocks, int) or swap_blocks < 0:
+            raise ValueError(f"swap_blocks must be an int >= 0, got {swap_blocks!r}")
+        self.num_layers, self.num_blocks, self.block_size = num_layers, num_blocks, block_size
+        self.kv_heads, self.head_dim = kv_heads, head_dim
+        shape = (2, num_layers, num_blocks, block_size, kv_heads, head_dim)
+        self.kv = torch.zeros(shape, dtype=dtype, device=device)
+        self.swap = self._second_tier(swap_blocks, swap_path) if swap_blocks else None
+        self._swap_free = list(range(swap_blocks))
+
+    def _second_tier(self, n: int, path: str | None) -> torch.Tensor:
+        shape = (2, self.num_layers, n) + tuple(self.kv.shape[3:])
+        if path is not None:
+            if self.kv.device.type != "cpu":
+                raise ValueError("swap_path (a memory-mapped file) is the second tier of a CPU pool only")
+            numel = math.prod(shape)
+            return torch.from_file(path, shared=True, size=numel, dtype=self.kv.dtype).view(shape)
+        pin = self.kv.device.type == "cuda"
+        return torch.empty(shape, dtype=self.kv.dtype, pin_memory=pin)
+
+    @property
+    def bytes_per_block(self) -> int:
+        """Bytes of one block across all layers, keys and values."""
+        return 2 * self.num_layers * self.block_size * self.kv_heads * self.head_dim * self.kv.element_size()
+
+    def key_cache(self, layer: int) -> torch.Tensor:
+        """(num_blocks, block_size, kv_heads, head_dim) view of the layer's keys."""
+        return self.kv[0, layer]
+
+    def value_cache(self, layer: int) -> torch.Tensor:
+        return self.kv[1, layer]
+
+    def write(self, slot_mapping: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layer: int = 0) -> None:
+        """Store new tokens: k, v (num_tokens, kv_heads, head_dim) at slots (block * block_size + offset).
+
+        Slots < 0 are skipped (padding). slot_mapping: int32/int64 (num_tokens,).
+        """
+        if not isinstance(slot_mapping, torch.Tensor) or slot_mapping.dtype not in (torch.int32, torch.int64):
+            raise TypeError("slot_mapping must be an int32 or int64 tensor")
+        want = (slot_mapping.shape[0], self.kv_heads, self.head_dim)
+        if slot_mapping.dim() != 1 or tuple(k.shape) != want or tuple(v.shape) != want:
+            raise ValueError(f"k and v must be (num_tokens, kv_heads, head_dim) = {want} for {tuple(slot_mapping.shape)} "
+                             f"slots, got {tuple(k.shape)} and {tuple(v.shape)}")
+        slots = slot_mapping.to(device=self.kv.device, dtype=torch.int64)
+        keep = slots >= 0
+        if not bool(keep.all()):
+            slots, k, v = slots[keep], k[keep.to(k.device)], v[keep.to(v.device)]
+        total = self.num_blocks * self.block_size
+        if slots.numel() and int(slots.max()) >= total:
+            raise ValueError(f"slot {int(slots.max())} out of range: the pool has {total} slots")
+        kv = self.kv[:, layer].view(2, total, self.kv_heads, self.head_dim)
+        kv[0].index_copy_(0, slots, k.to(self.kv.dtype))
+        kv[1].index_copy_(0, slots, v.to(self.kv.dtype))
+
+    def copy_blocks(self, pairs) -> None:
+        """Copy-on-write: for each (src, dst), block dst of every layer becomes a copy of block src."""
+        if not pairs:
+            return
+        src = _as_index([s for s, _ in pairs], self.kv.device)
+        dst = _as_index([d for _, d in pairs], self.kv.device)
+        self.kv[:, :, dst] = self.kv[:, :, src]
+
+    def swap_out(self, blocks) -> list[int]:
+        """Copy blocks to the second tier; return the swap slots that now hold them (for ``swap_in``).
+        The blocks themselves may be reused by the caller afterwards."""
+        if self.swap is None:
+            raise RuntimeError("this cache has no second tier (swap_blocks=0)")
+        blocks = list(blocks)
+        if len(blocks) > len(self._swap_free):
+            raise RuntimeError(f"swap space full: {len(blocks)} blocks asked, {len(self._swap_free)} slots free")
+        slots, self._swap_free = self._swap_free[:len(blocks)], self._swap_free[len(blocks):]
+        data = self.kv[:, :, _as_index(blocks, self.kv.device)]
+        self.swap[:, :, _as_index(slots, "cpu")] = data.to("cpu", non_blocking=self.swap.is_pinned())
+        if self.kv.device.type == "cuda":
+            torch.cuda.current_stream(self.kv.device).synchronize()
+        return slots
+
+    def swap_in(self, slots, blocks) -> None:
+        """Copy swapped-out slots back into (free) blocks of the pool and release the slots."""
+        if self.swap is None:
+            raise RuntimeError("this cache has no second tier (swap_blocks=0)")
+        slots, blocks = list(slots), list(blocks)
+        if len(slots) != len(blocks):
+            raise ValueError(f"{len(slots)} swap slots for {len(blocks)} blocks")
+        taken = set(range(self.swap.shape[2])) - set(self._swap_free)
+        if not set(slots) <= taken:
+            raise ValueError(f"swap slots {sorted(set(slots) - taken)} hold nothing")
+        data = self.swap[:, :, _as_index(slots, "cpu")]
+        self.kv[:, :, _as_index(blocks, self.kv.device)] = data.to(self.kv.device, non_blocking=True)
+        self._swap_free.extend(slots)
+
+
+__all__ = ["PagedKVCache"]

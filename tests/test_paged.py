@@ -1,0 +1,169 @@
+"""paged_attention against the token-by-token gather reference (float64 oracle, FlashAttention's error rule)."""
+import pytest
+import torch
+
+import memattn
+from memattn.cache import BlockManager, PagedKVCache
+from memattn.ops import paged
+from memattn.ops.paged import paged_attention, paged_attention_reference
+
+
+def _seed():
+    s = int(torch.randint(0, 2**31 - 1, ()).item())  # fresh each run; printed on failure
+    torch.manual_seed(s)
+    return s
+
+
+def _problem(lens, q_lens, bs, h, hkv, d, *, packed):
+    """Random float64 caches, a block table of random (repeating) ids, queries for each sequence."""
+    max_blocks = max(-(-n // bs) for n in lens) + 2
+    num_blocks = max(4, len(lens) * max_blocks // 2)  # fewer blocks than entries: ids repeat
+    kc = torch.randn(num_blocks, bs, hkv, d, dtype=torch.float64)
+    vc = torch.randn(num_blocks, bs, hkv, d, dtype=torch.float64)
+    table = torch.randint(0, num_blocks, (len(lens), max_blocks), dtype=torch.int32)
+    seqlens = torch.tensor(lens, dtype=torch.int32)
+    if packed:
+        q = torch.randn(sum(q_lens), h, d, dtype=torch.float64)
+        cu = torch.tensor([0] + torch.tensor(q_lens).cumsum(0).tolist(), dtype=torch.int32)
+    else:
+        q = torch.randn(len(lens), q_lens[0], h, d, dtype=torch.float64)
+        cu = None
+    return q, kc, vc, table, seqlens, cu
+
+
+def _check(q, kc, vc, table, seqlens, cu, dtype=torch.float32, **kw):
+    """Both outputs and lse: dtype path within 2x the naive dtype error; float64 path tight."""
+    seed = torch.initial_seed()
+    ref, ref_lse = paged_attention_reference(q, kc, vc, table, seqlens, cu_seqlens_q=cu, return_lse=True, **kw)
+    out64, lse64 = paged_attention(q, kc, vc, table, seqlens, cu_seqlens_q=cu, return_lse=True, **kw)
+    assert (out64 - ref).abs().max() <= 1e-10, seed
+    assert (lse64 - ref_lse).abs().max() <= 1e-10, seed
+    args = [t.to(dtype) for t in (q, kc, vc)]
+    slopes = kw.pop("alibi_slopes", None)
+    kw["alibi_slopes"] = None if slopes is None else slopes.float()
+    out, lse = paged_attention(*args, table, seqlens, cu_seqlens_q=cu, return_lse=True, **kw)
+    naive, naive_lse = paged_attention_reference(*args, table, seqlens, cu_seqlens_q=cu, return_lse=True, **kw)
+    assert out.dtype == dtype and out.shape == q.shape
+    bound = 2 * (naive.double() - ref).abs().max() + 1e-6
+    assert (out.double() - ref).abs().max() <= bound, seed
+    assert lse.dtype == torch.float32
+    assert (lse.double() - ref_lse).abs().max() <= 2 * (naive_lse.double() - ref_lse).abs().max() + 1e-5, seed
+    assert not torch.isnan(out).any()
+
+
+@pytest.mark.parametrize("bs", [8, 16, 32])
+@pytest.mark.parametrize("d", [64, 80, 128])
+@pytest.mark.parametrize("h,hkv", [(8, 1), (4, 4)])
+def test_decode(bs, d, h, hkv):
+    _seed()
+    lens = [1, bs, 3 * bs, 2 * bs + 5, 97]
+    _check(*_problem(lens, [1], bs, h, hkv, d, packed=False))
+
+
+@pytest.mark.parametrize("bs", [8, 16, 32])
+@pytest.mark.parametrize("h,hkv", [(8, 1), (3, 3)])
+def test_chunked_prefill(bs, h, hkv):
+    _seed()
+    # a fresh prompt (Lq = L), chunks continuing a cached prefix, a decode row, an idle row
+    lens, q_lens = [40, 2 * bs, 70, 33, 5], [40, bs, 23, 1, 0]
+    _check(*_problem(lens, q_lens, bs, h, hkv, 64, packed=True))
+
+
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("options", [
+    dict(window_size=(5, 0)),
+    dict(window_size=(2 * 16, 0)),
+    dict(alibi_slopes="heads"),
+    dict(alibi_slopes="batch", window_size=(9, 0)),
+    dict(causal=False, window_size=(4, 3)),
+    dict(softcap=3.0),
+    dict(softmax_scale=0.3),
+], ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+def test_options(packed, options):
+    _seed()
+    lens, q_lens = [1, 16, 50, 81], ([1, 7, 16, 30] if packed else [1])
+    q, kc, vc, table, seqlens, cu = _problem(lens, q_lens, 16, 8, 2, 64, packed=packed)
+    kw = dict(options)
+    if kw.get("alibi_slopes") == "heads":
+        kw["alibi_slopes"] = torch.rand(8, dtype=torch.float64)
+    elif kw.get("alibi_slopes") == "batch":
+        kw["alibi_slopes"] = torch.rand(len(lens), 8, dtype=torch.float64)
+    _check(q, kc, vc, table, seqlens, cu, **kw)
+
+
+def test_uniform_multi_query_and_bfloat16():
+    _seed()
+    _check(*_problem([6, 16, 40], [6], 16, 4, 2, 64, packed=False))
+    _check(*_problem([1, 16, 40], [1], 16, 4, 2, 64, packed=False), dtype=torch.bfloat16)
+
+
+def test_decode_scratch_is_bounded(monkeypatch):
+    """A one-block scratch budget gives the same answer in many steps (the schedule, not the budget, is exact)."""
+    _seed()
+    q, kc, vc, table, seqlens, cu = _problem([300, 17, 1], [1], 16, 4, 4, 64, packed=False)
+    full = paged_attention(q, kc, vc, table, seqlens)
+    monkeypatch.setattr(paged, "DECODE_SCRATCH_BYTES", 1)
+    monkeypatch.setattr(paged, "PREFILL_BLOCK_K", 24)
+    steps = paged_attention(q, kc, vc, table, seqlens)
+    assert (steps - full).abs().max() <= 1e-12
+    q2, kc2, vc2, table2, seqlens2, cu2 = _problem([90, 33], [90, 20], 8, 4, 2, 64, packed=True)
+    _check(q2, kc2, vc2, table2, seqlens2, cu2)
+
+
+def test_matches_dense_attention_through_block_manager():
+    """The pieces together: allocate, write through slot mappings, fork + copy-on-write, attend."""
+    _seed()
+    bm, bs, hkv, h, d = BlockManager(40, 8), 8, 2, 4, 32
+    store = PagedKVCache(1, 40, bs, hkv, d, dtype=torch.float64)
+    dense = {}
+
+    def append(seq, n):
+        k, v = torch.randn(n, hkv, d, dtype=torch.float64), torch.randn(n, hkv, d, dtype=torch.float64)
+        start = bm.num_tokens(seq) if seq in bm else 0
+        if seq in bm:
+            store.copy_blocks(bm.append_slots(seq, range(n)))
+        else:
+            bm.allocate(seq, range(n))
+        store.write(torch.tensor(bm.slot_mapping(seq, start, start + n)), k, v)
+        dk, dv = dense.get(seq, (k[:0], v[:0]))
+        dense[seq] = (torch.cat([dk, k]), torch.cat([dv, v]))
+
+    append("a", 13)
+    bm.fork("a", "b")
+    dense["b"] = dense["a"]
+    append("b", 3)  # partial shared block: copy-on-write
+    append("a", 1)
+    seqs = ["a", "b"]
+    width = max(len(bm.block_table(s)) for s in seqs)
+    table = torch.tensor([bm.block_table(s) + [0] * (width - len(bm.block_table(s))) for s in seqs], dtype=torch.int32)
+    lens = torch.tensor([bm.num_tokens(s) for s in seqs], dtype=torch.int32)
+    q = torch.randn(2, 1, h, d, dtype=torch.float64)
+    out = memattn.paged_attention(q, store.key_cache(0), store.value_cache(0), table, lens)
+    for i, s in enumerate(seqs):
+        k, v = dense[s]
+        want = memattn.attention(q[i:i + 1], k.unsqueeze(0), v.unsqueeze(0), causal=True)
+        assert (out[i] - want[0]).abs().max() <= 1e-12
+
+
+def test_bad_input():
+    q, kc, vc, table, seqlens, _ = _problem([10, 20], [1], 16, 4, 2, 64, packed=False)
+    with pytest.raises(ValueError, match="block id 99"):
+        bad = table.clone()
+        bad[1, 0] = 99
+        paged_attention(q, kc, vc, bad, seqlens)
+    with pytest.raises(ValueError, match="exceeds what block_table covers"):
+        paged_attention(q, kc, vc, table[:, :1], seqlens)
+    with pytest.raises(TypeError, match="block_table must be int32"):
+        paged_attention(q, kc, vc, table.long(), seqlens)
+    with pytest.raises(TypeError, match="cache_seqlens must be int32"):
+        paged_attention(q, kc, vc, table, seqlens.long())
+    with pytest.raises(ValueError, match="shorter than its 1 queries"):
+        paged_attention(q, kc, vc, table, torch.tensor([0, 20], dtype=torch.int32))
+    with pytest.raises(ValueError, match="cu_seqlens_q"):
+        paged_attention(q[:, 0], kc, vc, table, seqlens, cu_seqlens_q=torch.tensor([0, 2, 1], dtype=torch.int32))
+    with pytest.raises(ValueError, match="multiple of cache kv heads"):
+        paged_attention(q[:, :, :3], kc, vc, table, seqlens)
+    with pytest.raises(TypeError, match="share a dtype"):
+        paged_attention(q.float(), kc, vc, table, seqlens)
+    with pytest.raises(ValueError, match="batch"):
+        paged_attention(q[:1], kc, vc, table, seqlens)
