@@ -212,13 +212,26 @@ def _lse_rows(lse, b, n, block):
     return lse.reshape(b, n, h, block).permute(0, 2, 1, 3).reshape(b, h, n * block)
 
 
-def blockwise_forward(q, k, v, spec: AttentionSpec, problems, block_q: int, block_k: int, tiles):
+def blockwise_forward(q, k, v, spec: AttentionSpec, problems, block_q: int, block_k: int, tiles, into=None):
     """q (B, Sq, H, D), k/v (B, Sk, Hkv, D) -> out (B, Sq, H, D) in q's dtype, lse (B, H, Sq).
-    Query rows outside every problem (none, in practice) are left 0 / -inf."""
+    Query rows outside every problem (none, in practice) are left 0 / -inf.
+
+    into: optional running (out, lse) in the compute dtype over other keys; this call's keys are
+    merged into it in place and it is returned (ring attention accumulates across ranks this way).
+    """
     b, sq, h, _ = q.shape
     cd = kernels.compute_dtype(q.dtype)
-    out = torch.zeros_like(q)
-    lse = torch.full((b, h, sq), float("-inf"), dtype=cd, device=q.device)
+    if into is not None:
+        out, lse = into
+    else:
+        out = torch.zeros_like(q)
+        lse = torch.full((b, h, sq), float("-inf"), dtype=cd, device=q.device)
+
+    def store(q0, q1, o, l):
+        if into is not None:
+            o, l = merge_attention(out[:, q0:q1], lse[:, :, q0:q1], o, l)
+        out[:, q0:q1] = o
+        lse[:, :, q0:q1] = l
     max_run = k.shape[1] if tiles is kernels.cpu_flash else block_k
     for item in plan(spec, problems, block_q, block_k, max_run, bands=True):
         if isinstance(item, Band):
@@ -228,8 +241,8 @@ def blockwise_forward(q, k, v, spec: AttentionSpec, problems, block_q: int, bloc
                 o, l = tiles.tile_forward(_stack_queries(q, q0, n, item.block),
                                           _stack_windows(k, q0 + item.rel_k0, n, item.block, item.span),
                                           _stack_windows(v, q0 + item.rel_k0, n, item.block, item.span), **args)
-                out[:, q0:q0 + n * item.block] = o.reshape(b, n * item.block, *o.shape[2:])
-                lse[:, :, q0:q0 + n * item.block] = _lse_rows(l, b, n, item.block)
+                store(q0, q0 + n * item.block, o.reshape(b, n * item.block, *o.shape[2:]),
+                      _lse_rows(l, b, n, item.block))
             continue
         acc_o = acc_l = None
         q0, q1 = item.q0, item.q1
@@ -238,8 +251,7 @@ def blockwise_forward(q, k, v, spec: AttentionSpec, problems, block_q: int, bloc
                                       **_tile_args(spec, item.problem, q0, q1, seg.k0, seg.k1, seg.kind, q.device))
             acc_o, acc_l = (o, l) if acc_o is None else merge_attention(acc_o, acc_l, o, l)
         if acc_o is not None:
-            out[:, q0:q1] = acc_o
-            lse[:, :, q0:q1] = acc_l
+            store(q0, q1, acc_o, acc_l)
     return out, lse
 
 
@@ -255,15 +267,22 @@ def _window_index(k0, n, block, span, device):
 
 
 def blockwise_backward(dout, q, k, v, out, lse, dlse, spec: AttentionSpec, problems, block_q: int, block_k: int,
-                       tiles):
-    """Gradients (dq, dk, dv) in the input dtypes; dlse (B, H, Sq) may be None."""
+                       tiles, into=None):
+    """Gradients (dq, dk, dv) in the input dtypes; dlse (B, H, Sq) may be None.
+
+    into: optional (dq, dk, dv) accumulators in the compute dtype; gradients are added to them in
+    place and they are returned as they are (ring attention accumulates across ranks this way).
+    """
     b = q.shape[0]
     cd = kernels.compute_dtype(q.dtype)
     if dlse is not None and tiles is kernels.cpu_flash:
         tiles = kernels.torch_tiles  # the fused backward derives delta itself and cannot add dlse
-    dq = torch.zeros(q.shape, dtype=cd, device=q.device)
-    dk = torch.zeros(k.shape, dtype=cd, device=k.device)
-    dv = torch.zeros(v.shape, dtype=cd, device=v.device)
+    if into is not None:
+        dq, dk, dv = into
+    else:
+        dq = torch.zeros(q.shape, dtype=cd, device=q.device)
+        dk = torch.zeros(k.shape, dtype=cd, device=k.device)
+        dv = torch.zeros(v.shape, dtype=cd, device=v.device)
 
     def delta_of(q0, q1):
         if tiles is kernels.cpu_flash:
@@ -304,6 +323,8 @@ def blockwise_backward(dout, q, k, v, out, lse, dlse, spec: AttentionSpec, probl
             dq[:, q0:q1] += gq
             dk[:, seg.k0:seg.k1] += gk
             dv[:, seg.k0:seg.k1] += gv
+    if into is not None:
+        return dq, dk, dv
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
