@@ -76,26 +76,34 @@ def _tile_args(spec, sq, sk, q0, q1, seg, device):
     return dict(scale=spec.scale, mask=mask, bias=bias, softcap=spec.softcap, causal=seg.kind == "causal")
 
 
-def blockwise_forward(q, k, v, spec: AttentionSpec, block_q: int, block_k: int, tiles):
-    """q (B, Sq, H, D), k/v (B, Sk, Hkv, D) -> out (B, Sq, H, D) in q's dtype, lse (B, H, Sq)."""
+def blockwise_forward(q, k, v, spec: AttentionSpec, block_q: int, block_k: int, tiles, into=None):
+    """q (B, Sq, H, D), k/v (B, Sk, Hkv, D) -> out (B, Sq, H, D) in q's dtype, lse (B, H, Sq).
+
+    into: optional running (out, lse) in the compute dtype over other keys; this call's keys are
+    merged into it in place and it is returned (ring attention accumulates across ranks this way).
+    """
     b, sq, h, _ = q.shape
     sk = k.shape[1]
     cd = kernels.compute_dtype(q.dtype)
-    out = torch.empty_like(q)
-    lse = torch.full((b, h, sq), float("-inf"), dtype=cd, device=q.device)
+    if into is not None:
+        out, lse = into
+    else:
+        out = torch.empty_like(q)
+        lse = torch.full((b, h, sq), float("-inf"), dtype=cd, device=q.device)
     max_run = sk if tiles is kernels.cpu_flash else block_k
     for q0, q1, segs in plan(spec, sq, sk, block_q, block_k, max_run):
-        acc_o = acc_l = None
+        if not segs:
+            if into is None:
+                out[:, q0:q1] = 0
+            continue
+        acc_o, acc_l = (None, None) if into is None else (out[:, q0:q1], lse[:, :, q0:q1])
         qt = q[:, q0:q1]
         for seg in segs:
             o, l = tiles.tile_forward(qt, k[:, seg.k0:seg.k1], v[:, seg.k0:seg.k1],
                                       **_tile_args(spec, sq, sk, q0, q1, seg, q.device))
             acc_o, acc_l = (o, l) if acc_o is None else merge_attention(acc_o, acc_l, o, l)
-        if acc_o is None:
-            out[:, q0:q1] = 0
-        else:
-            out[:, q0:q1] = acc_o
-            lse[:, :, q0:q1] = acc_l
+        out[:, q0:q1] = acc_o
+        lse[:, :, q0:q1] = acc_l
     return out, lse
 
 
@@ -103,16 +111,24 @@ def blockwise_forward(q, k, v, spec: AttentionSpec, block_q: int, block_k: int, 
 _FUSED_BACKWARD_MAX_RUN = 2048
 
 
-def blockwise_backward(dout, q, k, v, out, lse, dlse, spec: AttentionSpec, block_q: int, block_k: int, tiles):
-    """Gradients (dq, dk, dv) in the input dtypes; dlse (B, H, Sq) may be None."""
+def blockwise_backward(dout, q, k, v, out, lse, dlse, spec: AttentionSpec, block_q: int, block_k: int, tiles,
+                       into=None):
+    """Gradients (dq, dk, dv) in the input dtypes; dlse (B, H, Sq) may be None.
+
+    into: optional (dq, dk, dv) accumulators in the compute dtype; gradients are added to them in
+    place and they are returned as they are (ring attention accumulates across ranks this way).
+    """
     b, sq, h, _ = q.shape
     sk = k.shape[1]
     cd = kernels.compute_dtype(q.dtype)
     if dlse is not None and tiles is kernels.cpu_flash:
         tiles = kernels.torch_tiles  # the fused backward derives delta itself and cannot add dlse
-    dq = torch.zeros(q.shape, dtype=cd, device=q.device)
-    dk = torch.zeros(k.shape, dtype=cd, device=k.device)
-    dv = torch.zeros(v.shape, dtype=cd, device=v.device)
+    if into is not None:
+        dq, dk, dv = into
+    else:
+        dq = torch.zeros(q.shape, dtype=cd, device=q.device)
+        dk = torch.zeros(k.shape, dtype=cd, device=k.device)
+        dv = torch.zeros(v.shape, dtype=cd, device=v.device)
     max_run = min(sk, _FUSED_BACKWARD_MAX_RUN) if tiles is kernels.cpu_flash else block_k
     for q0, q1, segs in plan(spec, sq, sk, block_q, block_k, max_run):
         if not segs:
@@ -127,6 +143,8 @@ def blockwise_backward(dout, q, k, v, out, lse, dlse, spec: AttentionSpec, block
             dq[:, q0:q1] += gq
             dk[:, seg.k0:seg.k1] += gk
             dv[:, seg.k0:seg.k1] += gv
+    if into is not None:
+        return dq, dk, dv
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
