@@ -146,6 +146,7 @@ def _ring_backward(dout, q, k, v, out, lse, dlse, ring: _Ring):
     plan = ring.steps(q.shape[1])
     dq = torch.zeros(q.shape, dtype=cd, device=q.device)
     pending = None
+    what = "ring attention backward: dK/dV"
     for step, src, (kb, vb) in ring.comm.rotate((k, v), _KV_TAG, "ring attention backward: K/V"):
         # dK/dV of this block so far: zero on its owner, then whatever the ranks before us added.
         dkb, dvb = ((torch.zeros(kb.shape, dtype=cd, device=kb.device),
@@ -154,9 +155,12 @@ def _ring_backward(dout, q, k, v, out, lse, dlse, ring: _Ring):
             blockwise_backward(dout[:, qs], q[:, qs], kb[:, ks], vb[:, ks], out[:, qs], lse[:, :, qs],
                                None if dlse is None else dlse[:, :, qs], spec, block, block, tiles,
                                into=(dq[:, qs], dkb[:, ks], dvb[:, ks]))
-        pending = ring.comm.send_recv((dkb, dvb), _DKV_TAG, f"ring attention backward: dK/dV, step {step}")
-        del dkb, dvb, kb, vb
-    dk, dv = pending.wait()  # this rank's own block, back from its trip around the ring
+        if step + 1 < ring.comm.world:
+            pending = ring.comm.send_recv((dkb, dvb), _DKV_TAG, f"{what}, step {step}")
+            del dkb, dvb
+        del kb, vb
+    # The last hop home starts once the K/V buffers are gone: peak memory stays at ~6 shard-sized tensors.
+    dk, dv = ring.comm.send_recv((dkb, dvb), _DKV_TAG, f"{what}, return to owner").wait()
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
