@@ -156,7 +156,7 @@ def _run_case(rank, s, causal, reps, groups, clock):
             "gflops": _flops(s, causal) / t / 1e9, "baseline_gflops": _flops(s, causal) / bt / 1e9,
             "ranks": p, "layout": layout, "threads_per_rank": max(1, 2 // p),
             "per_rank_peak_mib": res["peak"], "per_rank_compute_s": per_rank,
-            "imbalance": max(per_rank) / min(per_rank) - 1, "reps": reps,
+            "imbalance": max(per_rank) / min(per_rank) - 1, "reps": len(res["time"]),
             "B": B, "H": H, "D": D, "S": s, "causal": causal,
         })
     return records
