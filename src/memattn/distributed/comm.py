@@ -118,10 +118,12 @@ class RingComm:
         if self.world == 1:
             return _Pending([], tuple(tensors), what)
         received = tuple(torch.empty_like(t) for t in tensors)
-        works = []
-        for i, (t, r) in enumerate(zip(tensors, received)):
-            works.append(dist.irecv(r, self.prev, group=self.group, tag=tag + i))
-            works.append(dist.isend(t, self.next, group=self.group, tag=tag + i))
+        ops = []
+        for i, (t, r) in enumerate(zip(tensors, received)):  # one tag per tensor: never matched out of order
+            ops.append(dist.P2POp(dist.irecv, r, self.prev, self.group, tag + i))
+            ops.append(dist.P2POp(dist.isend, t, self.next, self.group, tag + i))
+        # One batch, so NCCL cannot deadlock when the previous and next rank are the same (P = 2).
+        works = dist.batch_isend_irecv(ops)
         return _Pending(works, received, f"rank {self.rank}: {what} (from rank {self.prev}, to rank {self.next})")
 
     def rotate(self, tensors, tag: int, what: str):

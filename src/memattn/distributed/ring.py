@@ -120,8 +120,13 @@ class _Ring:
                 for src in range(self.comm.world)}
 
 
+# Tile edge cap: the ring keeps ~6 shard-sized buffers (out, dq, K/V, travelling dK/dV), so the
+# schedule's per-tile temporaries must stay small next to them; 512 costs ~1% in Python overhead.
+RING_BLOCK_MAX = 512
+
+
 def _blocks(tiles) -> int:
-    return DEFAULT_BLOCK["cpu_flash" if tiles is kernels.cpu_flash else "torch"]
+    return min(RING_BLOCK_MAX, DEFAULT_BLOCK["cpu_flash" if tiles is kernels.cpu_flash else "torch"])
 
 
 def _ring_forward(q, k, v, ring: _Ring):
