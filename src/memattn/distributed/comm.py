@@ -126,6 +126,16 @@ class RingComm:
         works = dist.batch_isend_irecv(ops)
         return _Pending(works, received, f"rank {self.rank}: {what} (from rank {self.prev}, to rank {self.next})")
 
+    def pass_on(self, tensors, tag: int, what: str, pieces: int = 8) -> None:
+        """Send `tensors` (contiguous) to the next rank and replace their contents, in place, with the
+        previous rank's. Piece by piece, so the only extra memory is one piece; returns when done."""
+        if self.world == 1:
+            return
+        for i, t in enumerate(tensors):
+            for j, piece in enumerate(t.view(-1).chunk(pieces)):
+                (incoming,) = self.send_recv((piece,), tag + i, f"{what}, piece {j}").wait()
+                piece.copy_(incoming)
+
     def rotate(self, tensors, tag: int, what: str):
         """Yield (step, source rank, tensors) for step 0..P-1: this rank's own tensors, then those of
         rank - 1, rank - 2, ... The next block is already in flight while the caller computes."""

@@ -150,23 +150,24 @@ def _ring_backward(dout, q, k, v, out, lse, dlse, ring: _Ring):
     block = _blocks(tiles if dlse is None else kernels.torch_tiles)  # blockwise takes the torch tile for dlse
     plan = ring.steps(q.shape[1])
     dq = torch.zeros(q.shape, dtype=cd, device=q.device)
-    pending = None
+    dkb = dvb = None
     what = "ring attention backward: dK/dV"
     for step, src, (kb, vb) in ring.comm.rotate((k, v), _KV_TAG, "ring attention backward: K/V"):
         # dK/dV of this block so far: zero on its owner, then whatever the ranks before us added.
-        dkb, dvb = ((torch.zeros(kb.shape, dtype=cd, device=kb.device),
-                     torch.zeros(vb.shape, dtype=cd, device=vb.device)) if pending is None else pending.wait())
+        if dkb is None:
+            dkb = torch.zeros(kb.shape, dtype=cd, device=kb.device)
+            dvb = torch.zeros(vb.shape, dtype=cd, device=vb.device)
         for qs, ks, spec in plan[src]:
             blockwise_backward(dout[:, qs], q[:, qs], kb[:, ks], vb[:, ks], out[:, qs], lse[:, :, qs],
                                None if dlse is None else dlse[:, :, qs], spec, block, block, tiles,
                                into=(dq[:, qs], dkb[:, ks], dvb[:, ks]))
         if step + 1 < ring.comm.world:
-            pending = ring.comm.send_recv((dkb, dvb), _DKV_TAG, f"{what}, step {step}")
-            del dkb, dvb
+            # In place and piecewise: holding our partial and the incoming one at once, next to the
+            # K/V in flight, would make this hop the peak of the whole call (8 shards instead of 6).
+            ring.comm.pass_on((dkb, dvb), _DKV_TAG, f"{what}, step {step}")
         del kb, vb
-    # The last hop home starts once the K/V buffers are gone: peak memory stays at ~6 shard-sized tensors.
-    dk, dv = ring.comm.send_recv((dkb, dvb), _DKV_TAG, f"{what}, return to owner").wait()
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+    ring.comm.pass_on((dkb, dvb), _DKV_TAG, f"{what}, return to owner")  # this rank's own block comes home
+    return dq.to(q.dtype), dkb.to(k.dtype), dvb.to(v.dtype)
 
 
 class _RingAttention(torch.autograd.Function):
