@@ -111,12 +111,65 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def cmd_favor_sweep(args) -> int:
+    from .ops.linear import favor_sweep
+
+    counts = [16, 32, 64, 128, 256, 512, 1024, 2048, 4096]
+    seq_len = args.seq_lens[0] if args.seq_lens != DEFAULT_SEQ_LENS else 256
+    with _Progress(1, "FAVOR+ sweep") as bar:
+        rows = favor_sweep(seq_len, args.head_dim, counts, seed=0)
+        bar.step("done")
+    _print_table(["random features", "relative error vs softmax"], [[str(m), f"{e:.4f}"] for m, e in rows],
+                 f"FAVOR+ error against exact softmax attention (S={seq_len}, D={args.head_dim}, mean of 4 draws)")
+    path = args.plot or "favor_sweep.png"
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: pip install 'memattn[cli]' for the plot", file=sys.stderr)
+        return 1
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    ax.loglog([m for m, _ in rows], [e for _, e in rows], marker="o", label="FAVOR+ (measured)")
+    ref = rows[0][1] * (rows[0][0] ** 0.5)
+    ax.loglog([m for m, _ in rows], [ref / m ** 0.5 for m, _ in rows], "--", color="gray", label="1/sqrt(m)")
+    ax.set_xlabel("random features m")
+    ax.set_ylabel("relative error vs softmax")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
+    return 0
+
+
+def cmd_masks_show(args) -> int:
+    from . import mask_spec
+
+    try:
+        mask = mask_spec.parse(args.spec)
+    except (ValueError, TypeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    block = args.block or getattr(mask, "preferred_block", None) or max(1, -(-args.seq_len // 48))
+    kinds = mask_spec.layout(mask, args.seq_len, block)
+    print(f"{mask!r}: S={args.seq_len}, tiles of {block} -> {kinds.shape[0]} x {kinds.shape[1]}")
+    print(mask_spec.render_text(kinds))
+    if args.png:
+        mask_spec.render_png(kinds, args.png, f"{mask!r}, S={args.seq_len}, block {block}")
+        print(f"wrote {args.png}")
+    return 0
+
+
+DEFAULT_SEQ_LENS = [1024, 2048, 4096, 8192]
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="memattn", description="Memory-efficient attention: measure and run.")
     sub = p.add_subparsers(dest="command", required=True)
     c = sub.add_parser("compare", help="the memory table (standard / checkpoint / blockwise / window / linear), "
                                        "measured on this machine")
-    c.add_argument("--seq-lens", type=_int_list, default=[1024, 2048, 4096, 8192])
+    c.add_argument("--seq-lens", type=_int_list, default=DEFAULT_SEQ_LENS)
     c.add_argument("--batch", type=_positive, default=1)
     c.add_argument("--heads", type=_positive, default=8)
     c.add_argument("--head-dim", type=_positive, default=64)
@@ -128,7 +181,17 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--repeats", type=_positive, default=3, help="timed runs per cell (median reported)")
     c.add_argument("--plot", default=None, metavar="PNG")
     c.add_argument("--json", default=None, metavar="PATH")
-    c.set_defaults(func=cmd_compare)
+    c.add_argument("--favor-sweep", action="store_true",
+                   help="instead of the table: FAVOR+ error against softmax as random features grow (plot)")
+    c.set_defaults(func=lambda a: cmd_favor_sweep(a) if a.favor_sweep else cmd_compare(a))
+    m = sub.add_parser("masks", help="inspect mask layouts")
+    msub = m.add_subparsers(dest="masks_command", required=True)
+    show = msub.add_parser("show", help="draw which tiles run (full / partial) and which are skipped")
+    show.add_argument("spec", help='e.g. "sliding_window(127, 0) | global_tokens([0])"')
+    show.add_argument("--seq-len", type=_positive, required=True)
+    show.add_argument("--block", type=_positive, default=None, help="tile edge (default: about S/48)")
+    show.add_argument("--png", default=None, metavar="PATH")
+    show.set_defaults(func=cmd_masks_show)
     return p
 
 

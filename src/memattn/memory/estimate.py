@@ -48,7 +48,7 @@ def estimate(method: str, batch: int, seqlen: int, heads: int, head_dim: int, dt
         transient = 2 * square
         kept = 2 * square + act if method == "standard" else act
     elif method == "linear":
-        transient = state + act
+        transient = state + 3 * act  # features of q and k, v with its ones column
         kept = act + (seqlen // 64 + 1) * state
     else:
         transient = tile
