@@ -169,3 +169,11 @@ def test_stream_and_stop_tokens():
     o = outs[1].outputs[0]
     assert o.time_to_first_token > 0 and o.time_per_output_token > 0
     assert_all_free(llm)
+
+
+def test_cli_generate(capsys):
+    from memattn.cli import main
+
+    assert main(["generate", "--random", "tiny-llama", "--prompt", "Hello", "--max-tokens", "5",
+                 "--kv-blocks", "8"]) == 0
+    assert "5 tokens" in capsys.readouterr().err

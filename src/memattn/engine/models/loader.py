@@ -26,8 +26,8 @@ PRESETS = {
     "tiny-gpt2": dict(model_type="gpt2", vocab_size=320, n_embd=64, n_layer=2, n_head=4, n_positions=512,
                       bos_token_id=1, eos_token_id=2),
     # about 30M parameters: the serve benchmark's model
-    "llama-30m": dict(model_type="llama", vocab_size=8000, hidden_size=384, intermediate_size=1024,
-                      num_hidden_layers=8, num_attention_heads=6, num_key_value_heads=2,
+    "llama-30m": dict(model_type="llama", vocab_size=8000, hidden_size=512, intermediate_size=1408,
+                      num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2,
                       max_position_embeddings=1024, rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2,
                       tie_word_embeddings=False),
 }
