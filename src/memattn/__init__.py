@@ -11,5 +11,16 @@ from .ops.varlen import attention_varlen
 
 __version__ = "0.1.0"
 
-__all__ = ["attention", "attention_varlen", "merge_attention", "paged_attention", "linear_attention",
+
+
+def __getattr__(name):
+    """The serving engine loads on first use (``memattn.LLM``, ``memattn.SamplingParams``)."""
+    if name in ("LLM", "SamplingParams"):
+        from . import engine
+
+        return getattr(engine, name)
+    raise AttributeError(f"module 'memattn' has no attribute {name!r}")
+
+
+__all__ = ["LLM", "SamplingParams", "attention", "attention_varlen", "merge_attention", "paged_attention", "linear_attention",
            "LinearAttentionState", "cache", "masks", "memory", "reference", "__version__"]

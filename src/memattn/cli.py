@@ -163,6 +163,47 @@ def cmd_masks_show(args) -> int:
 
 DEFAULT_SEQ_LENS = [1024, 2048, 4096, 8192]
 
+def cmd_generate(args) -> int:
+    from .engine import LLM, SamplingParams
+
+    llm = LLM(args.model or args.random, num_kv_blocks=args.kv_blocks)
+    params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                            max_tokens=args.max_tokens)
+    out = llm.generate([args.prompt], params)[0]
+    if out.error:
+        print(f"error: {out.error}", file=sys.stderr)
+        return 2
+    c = out.outputs[0]
+    print(c.text if c.text is not None else c.token_ids)
+    print(f"[{len(c.token_ids)} tokens, finish: {c.finish_reason}, TTFT {c.time_to_first_token * 1e3:.1f} ms, "
+          f"{(c.time_per_output_token or 0) * 1e3:.1f} ms/token]", file=sys.stderr)
+    return 0
+
+
+def cmd_bench_serve(args) -> int:
+    from .engine import LLM
+    from .engine.workload import make_requests, run_engine
+
+    llm = LLM(args.model or "llama-30m", max_num_seqs=args.max_num_seqs)
+    reqs = make_requests(args.num_requests, seed=args.seed, prompt_lens=(16, args.max_prompt),
+                         output_lens=(16, args.max_output), vocab=llm.model_config.vocab_size)
+    with _Progress(args.num_requests, "requests") as bar:
+        seen = [0]
+
+        def progress(done, total):
+            while seen[0] < done:
+                seen[0] += 1
+                bar.step(f"{done}/{total} done")
+        r = run_engine(llm, reqs, progress=progress)
+    stats, preemptions = llm.stats()
+    rows = [[k, v] for k, v in (("requests", str(len(reqs))), ("output tokens", str(r["out_tokens"])),
+                                ("wall s", f"{r['wall_s']:.2f}"),
+                                ("output tokens/s", f"{r['out_tokens'] / r['wall_s']:.1f}"),
+                                ("mean TTFT s", f"{r['mean_ttft_s']:.3f}"), ("preemptions", str(preemptions)),
+                                ("KV blocks", str(stats.num_blocks)))]
+    _print_table(["metric", "value"], rows, "memattn bench-serve (use benchmarks/serve.py for the HF baseline)")
+    return 0
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="memattn", description="Memory-efficient attention: measure and run.")
@@ -192,6 +233,26 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--block", type=_positive, default=None, help="tile edge (default: about S/48)")
     show.add_argument("--png", default=None, metavar="PATH")
     show.set_defaults(func=cmd_masks_show)
+    g = sub.add_parser("generate", help="generate text with the serving engine")
+    src = g.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="local Hugging Face folder")
+    src.add_argument("--random", help="a random-initialised preset, e.g. tiny-llama")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-tokens", type=_positive, default=32)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-k", type=int, default=-1)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--kv-blocks", type=_positive, default=256)
+    g.set_defaults(func=cmd_generate)
+    b = sub.add_parser("bench-serve", help="the serve workload through the engine (progress bar, summary table)")
+    b.add_argument("--model", default=None, help="folder or preset (default llama-30m, random)")
+    b.add_argument("--num-requests", type=_positive, default=64)
+    b.add_argument("--max-prompt", type=_positive, default=512)
+    b.add_argument("--max-output", type=_positive, default=256)
+    b.add_argument("--max-num-seqs", type=_positive, default=64)
+    b.add_argument("--seed", type=int, default=0)
+    b.set_defaults(func=cmd_bench_serve)
     return p
 
 

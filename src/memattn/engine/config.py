@@ -1,0 +1,152 @@
+"""Validated configuration objects of the engine: the model's shape, the engine's budgets, a request's sampling."""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+ARCHS = ("llama", "gpt2")
+PREEMPTION = ("recompute", "swap")
+
+
+def _check_int(name, value, low=1, allow_none=False):
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The shape of a decoder-only model, in Hugging Face's vocabulary.
+
+    arch: "llama" (Llama 2/3, Mistral, Qwen2: RMSNorm, RoPE, gated MLP) or "gpt2" (LayerNorm, learned
+    positions, GELU MLP). window: sliding-window length W per layer (a key is visible to a query at most
+    W - 1 positions behind it, as transformers' ``sliding_window``), None for full attention.
+    rope_scaling: None or a dict with ``rope_type`` in {"default", "linear", "llama3"}.
+    """
+
+    arch: str
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    intermediate_size: int
+    max_position_embeddings: int
+    head_dim: int | None = None
+    norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    windows: tuple = ()  # per layer: None or W; empty = no window anywhere
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    tie_word_embeddings: bool = False
+    hidden_act: str = "silu"
+    bos_token_id: int | None = None
+    eos_token_ids: tuple = ()
+    model_type: str = ""
+
+    def __post_init__(self):
+        if self.arch not in ARCHS:
+            raise ValueError(f"arch must be one of {ARCHS}, got {self.arch!r}")
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size",
+                     "max_position_embeddings"):
+            _check_int(name, getattr(self, name))
+        _check_int("head_dim", self.head_dim, allow_none=True)
+        if self.head_dim is None:
+            if self.hidden_size % self.num_heads:
+                raise ValueError(f"hidden_size {self.hidden_size} is not a multiple of num_heads {self.num_heads}")
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads {self.num_heads} must be a multiple of num_kv_heads {self.num_kv_heads}")
+        if self.windows and len(self.windows) != self.num_layers:
+            raise ValueError(f"windows has {len(self.windows)} entries for {self.num_layers} layers")
+        for w in self.windows:
+            _check_int("sliding window", w, allow_none=True)
+        if self.rope_scaling is not None:
+            kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "default"))
+            if kind not in ("default", "linear", "llama3"):
+                raise ValueError(f"rope scaling {kind!r} is not supported (default, linear, llama3)")
+        if self.arch == "gpt2" and self.num_kv_heads != self.num_heads:
+            raise ValueError("gpt2 has as many kv heads as query heads")
+
+    def window(self, layer: int):
+        return self.windows[layer] if self.windows else None
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Budgets of the engine.
+
+    block_size: tokens per KV block. kv_cache_memory: bytes of the KV pool (or num_kv_blocks to give the
+    count directly). max_num_seqs: running sequences at most. max_num_batched_tokens: tokens per step
+    (prefill chunks and decodes together). preemption: "recompute" (free and re-prefill) or "swap"
+    (copy blocks to a host tier of swap_space bytes).
+    """
+
+    block_size: int = 16
+    kv_cache_memory: int = 256 << 20
+    num_kv_blocks: int | None = None
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_model_len: int | None = None
+    enable_prefix_caching: bool = True
+    preemption: str = "recompute"
+    swap_space: int = 256 << 20
+
+    def __post_init__(self):
+        for name in ("block_size", "kv_cache_memory", "max_num_seqs", "max_num_batched_tokens", "swap_space"):
+            _check_int(name, getattr(self, name))
+        _check_int("num_kv_blocks", self.num_kv_blocks, allow_none=True)
+        _check_int("max_model_len", self.max_model_len, allow_none=True)
+        if self.preemption not in PREEMPTION:
+            raise ValueError(f"preemption must be one of {PREEMPTION}, got {self.preemption!r}")
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to sample one request (vLLM's names).
+
+    n: completions per prompt (they share the prompt's KV blocks). temperature: 0 = greedy.
+    top_k: -1 or 0 = off. top_p: in (0, 1]. seed: per-request generator (reproducible regardless of the
+    batch). max_tokens: new tokens at most. stop_token_ids: extra tokens that end a completion.
+    ignore_eos: keep going past EOS. return_logits (memattn): keep each step's logits row in the output.
+    """
+
+    n: int = 1
+    temperature: float = 1.0
+    top_k: int = -1
+    top_p: float = 1.0
+    seed: int | None = None
+    max_tokens: int = 16
+    stop_token_ids: tuple = field(default_factory=tuple)
+    ignore_eos: bool = False
+    return_logits: bool = False
+
+    def __post_init__(self):
+        _check_int("n", self.n)
+        _check_int("max_tokens", self.max_tokens)
+        if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)) \
+                or not math.isfinite(self.temperature) or self.temperature < 0:
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < -1:
+            raise ValueError(f"top_k must be -1 (off), 0 (off) or a positive int, got {self.top_k!r}")
+        if isinstance(self.top_p, bool) or not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        _check_int("seed", self.seed, low=0, allow_none=True)
+        stop = tuple(self.stop_token_ids)
+        for t in stop:
+            _check_int("stop token id", t, low=0)
+        object.__setattr__(self, "stop_token_ids", stop)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def replace(self, **changes) -> "SamplingParams":
+        return dataclasses.replace(self, **changes)
+
+
+__all__ = ["ModelConfig", "EngineConfig", "SamplingParams"]

@@ -1,0 +1,304 @@
+"""``LLM``: the offline engine front. Requests in, completions out (or streamed token by token)."""
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass
+
+import torch
+
+from ..cache import BlockManager, PagedKVCache
+from .config import EngineConfig, ModelConfig, SamplingParams
+from .model_runner import ModelRunner
+from .models import load_model
+from .sampler import make_generator, sample
+from .scheduler import Scheduler, Sequence
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    token_ids: list
+    text: str | None
+    finish_reason: str | None  # "stop" (EOS or a stop token), "length" (max_tokens or max_model_len)
+    logits: torch.Tensor | None = None  # (len(token_ids), vocab) float32 with SamplingParams(return_logits=True)
+    time_to_first_token: float | None = None  # seconds from the request's arrival
+    time_per_output_token: float | None = None  # seconds between tokens after the first
+    num_preemptions: int = 0
+
+
+@dataclass
+class RequestOutput:
+    request_id: int
+    prompt: object
+    prompt_token_ids: list
+    outputs: list  # CompletionOutput per completion (n of them); empty if rejected
+    error: str | None = None  # why the request was rejected
+
+    @property
+    def finished(self) -> bool:
+        return self.error is not None or all(o.finish_reason for o in self.outputs)
+
+
+@dataclass
+class StreamEvent:
+    request_id: int
+    index: int
+    token_id: int
+    text: str | None
+    finish_reason: str | None
+
+
+@dataclass
+class _Request:
+    prompt: object
+    prompt_ids: list
+    params: SamplingParams
+    seqs: list
+
+
+class LLM:
+    """An offline serving engine over the paged KV cache.
+
+    Args:
+        model: a local Hugging Face folder, a preset name (``memattn.engine.models.PRESETS``), a HF config
+            dict, a ``ModelConfig`` (random weights), or a model built by ``memattn.engine.models``.
+        block_size, kv_cache_memory (bytes), num_kv_blocks (overrides kv_cache_memory), max_num_seqs,
+        max_num_batched_tokens, max_model_len, enable_prefix_caching, preemption ("recompute" | "swap"),
+        swap_space (bytes of host tier for "swap"): see ``EngineConfig``.
+        tokenizer: anything with encode(str) -> ids and decode(ids) -> str; default: the folder's
+            tokenizer.json, or bytes for random models.
+    """
+
+    def __init__(self, model, *, block_size: int = 16, kv_cache_memory: int = 256 << 20,
+                 num_kv_blocks: int | None = None, max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
+                 max_model_len: int | None = None, enable_prefix_caching: bool = True,
+                 preemption: str = "recompute", swap_space: int = 256 << 20, dtype=torch.float32,
+                 device="cpu", seed: int = 0, tokenizer=None):
+        self.config = EngineConfig(block_size, kv_cache_memory, num_kv_blocks, max_num_seqs, max_num_batched_tokens,
+                                   max_model_len, enable_prefix_caching, preemption, swap_space)
+        if isinstance(model, torch.nn.Module):
+            if not isinstance(getattr(model, "config", None), ModelConfig):
+                raise TypeError("a model object must come from memattn.engine.models (its .config a ModelConfig)")
+            self.model, self.model_config, tok = model.eval(), model.config, None
+        else:
+            self.model, self.model_config, tok = load_model(model, dtype=dtype, device=device, seed=seed)
+        self.tokenizer = tokenizer if tokenizer is not None else tok
+        mc = self.model_config
+        dtype = next(self.model.parameters()).dtype
+        per_block = 2 * mc.num_layers * block_size * mc.num_kv_heads * mc.head_dim * dtype.itemsize
+        num_blocks = num_kv_blocks or kv_cache_memory // per_block
+        if num_blocks < 1:
+            raise ValueError(f"kv_cache_memory {kv_cache_memory} bytes holds no block ({per_block} bytes each)")
+        self.max_model_len = min(mc.max_position_embeddings, max_model_len or mc.max_position_embeddings)
+        self.blocks = BlockManager(num_blocks, block_size, enable_prefix_caching=enable_prefix_caching)
+        swap_blocks = swap_space // per_block if preemption == "swap" else 0
+        self.cache = PagedKVCache(mc.num_layers, num_blocks, block_size, mc.num_kv_heads, mc.head_dim,
+                                  dtype=dtype, device=device, swap_blocks=swap_blocks)
+        self.scheduler = Scheduler(self.config, self.blocks, self.cache)
+        self.runner = ModelRunner(self.model, self.blocks, self.cache, device)
+        self._requests: dict[int, _Request] = {}
+        self._ids = itertools.count()
+        self._seq_ids = itertools.count()
+
+    # ---- requests ---------------------------------------------------------------------------------
+
+    def _tokens(self, prompt) -> list:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("a text prompt needs a tokenizer; this model has none (pass token ids)")
+            ids = self.tokenizer.encode(prompt)
+        elif isinstance(prompt, (list, tuple)) or isinstance(prompt, torch.Tensor):
+            ids = [int(t) for t in (prompt.tolist() if isinstance(prompt, torch.Tensor) else prompt)]
+        else:
+            raise TypeError(f"a prompt is a string or a list of token ids, got {type(prompt).__name__}")
+        if not ids:
+            raise ValueError("empty prompt: a request needs at least one token")
+        vocab = self.model_config.vocab_size
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"prompt of {len(ids)} tokens leaves no room to generate: max_model_len is "
+                             f"{self.max_model_len}")
+        return ids
+
+    def add_request(self, prompt, params: SamplingParams | dict | None = None) -> int:
+        """Queue a request; raises ValueError/TypeError (and queues nothing) if it is invalid."""
+        if params is None:
+            params = SamplingParams()
+        elif isinstance(params, dict):
+            params = SamplingParams(**params)
+        elif not isinstance(params, SamplingParams):
+            raise TypeError(f"sampling params must be SamplingParams or a dict, got {type(params).__name__}")
+        ids = self._tokens(prompt)
+        longest = min(len(ids) + params.max_tokens, self.max_model_len)
+        need = -(-longest // self.blocks.block_size)
+        if need > self.blocks.num_blocks:
+            raise ValueError(f"request may grow to {longest} tokens = {need} blocks, but the KV pool has only "
+                             f"{self.blocks.num_blocks}; raise kv_cache_memory or lower max_tokens")
+        rid = next(self._ids)
+        seq = Sequence(next(self._seq_ids), rid, 0, list(ids), len(ids), params, make_generator(params, 0))
+        self._requests[rid] = _Request(prompt, list(ids), params, [seq])
+        self.scheduler.add(seq)
+        return rid
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    # ---- a step -----------------------------------------------------------------------------------
+
+    def _fork(self, parent: Sequence) -> list[Sequence]:
+        """After the prompt: n - 1 siblings that share its blocks (copy-on-write on their first append)."""
+        parent.forked = True
+        req = self._requests[parent.request_id]
+        kids = []
+        for i in range(1, parent.params.n):
+            kid = Sequence(next(self._seq_ids), parent.request_id, i, list(parent.token_ids), parent.prompt_len,
+                           parent.params, make_generator(parent.params, i), parent.num_computed, parent.arrival,
+                           forked=True)
+            self.blocks.fork(parent.seq_id, kid.seq_id)
+            req.seqs.append(kid)
+            kids.append(kid)
+        at = self.scheduler.running.index(parent) + 1
+        self.scheduler.running[at:at] = kids
+        return kids
+
+    def _stop(self, seq: Sequence, token: int) -> str | None:
+        p = seq.params
+        if not p.ignore_eos and token in self.model_config.eos_token_ids:
+            return "stop"
+        if token in p.stop_token_ids:
+            return "stop"
+        if len(seq.output_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+            return "length"
+        return None
+
+    def step(self) -> list[StreamEvent]:
+        """Schedule, run the model once, sample; return the tokens produced."""
+        scheduled = self.scheduler.schedule()
+        if not scheduled:
+            if self.scheduler.has_work():
+                raise RuntimeError("the scheduler made no progress (KV pool too small for any waiting request)")
+            return []
+        logits, want = self.runner.run(scheduled)
+        for seq, n in scheduled:
+            seq.num_computed += n
+            self.blocks.mark_computed(seq.seq_id, seq.num_computed)
+        seqs, rows = [], []
+        for r, i in enumerate(want):
+            seq = scheduled[i][0]
+            group = [seq] + (self._fork(seq) if seq.params.n > 1 and not seq.forked else [])
+            seqs += group
+            rows += [r] * len(group)
+        logits = logits[torch.tensor(rows, dtype=torch.int64)] if rows else logits
+        tokens = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
+        now = time.perf_counter()
+        events = []
+        for r, (seq, tok) in enumerate(zip(seqs, tokens)):
+            seq.token_ids.append(tok)
+            if seq.first_token_time is None:
+                seq.first_token_time = now
+            if seq.params.return_logits:
+                seq.logits.append(logits[r].clone())
+            seq.finish_reason = self._stop(seq, tok)
+            if seq.finished:
+                seq.finish_time = now
+                self.scheduler.finish(seq)
+            text = self.tokenizer.decode([tok]) if self.tokenizer is not None else None
+            events.append(StreamEvent(seq.request_id, seq.index, tok, text, seq.finish_reason))
+        return events
+
+    # ---- front ------------------------------------------------------------------------------------
+
+    def _output(self, rid: int) -> RequestOutput:
+        req = self._requests[rid]
+        outs = []
+        for seq in sorted(req.seqs, key=lambda s: s.index):
+            ids = seq.output_ids
+            ttft = tpot = None
+            if seq.first_token_time is not None:
+                ttft = seq.first_token_time - seq.arrival
+                if seq.finish_time is not None and len(ids) > 1:
+                    tpot = (seq.finish_time - seq.first_token_time) / (len(ids) - 1)
+            text = self.tokenizer.decode(ids) if self.tokenizer is not None else None
+            outs.append(CompletionOutput(seq.index, list(ids), text, seq.finish_reason,
+                                         torch.stack(seq.logits) if seq.logits else None, ttft, tpot,
+                                         seq.num_preemptions))
+        return RequestOutput(rid, req.prompt, req.prompt_ids, outs)
+
+    def _submit(self, prompts, sampling_params):
+        if isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts
+                                        and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        params = sampling_params if isinstance(sampling_params, (list, tuple)) else [sampling_params] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"{len(params)} sampling params for {len(prompts)} prompts")
+        slots = []
+        for prompt, p in zip(prompts, params):
+            try:
+                slots.append(self.add_request(prompt, p))
+            except (ValueError, TypeError) as e:
+                slots.append(RequestOutput(-1, prompt, [], [], error=f"{type(e).__name__}: {e}"))
+        return slots
+
+    def generate(self, prompts, sampling_params=None, *, progress=None) -> list[RequestOutput]:
+        """Run prompts (strings or token-id lists) to completion; one RequestOutput per prompt, in order.
+
+        An invalid request (empty, too long, bad sampling values) comes back with ``error`` set and no
+        completions; the others run. progress: optional callable(finished_requests, total) after each step.
+        """
+        slots = self._submit(prompts, sampling_params)
+        pending = {s for s in slots if isinstance(s, int)}
+        try:
+            while pending:
+                self.step()
+                done = {rid for rid in pending if all(s.finished for s in self._requests[rid].seqs)}
+                pending -= done
+                if progress is not None:
+                    progress(len(slots) - len(pending), len(slots))
+            return [s if isinstance(s, RequestOutput) else self._output(s) for s in slots]
+        finally:
+            self._drop(slots)
+
+    def stream(self, prompts, sampling_params=None):
+        """Yield StreamEvents as tokens are sampled (rejected requests: one event with finish_reason "error")."""
+        slots = self._submit(prompts, sampling_params)
+        try:
+            for i, s in enumerate(slots):
+                if isinstance(s, RequestOutput):
+                    yield StreamEvent(-1, 0, -1, s.error, "error")
+            pending = {s for s in slots if isinstance(s, int)}
+            while pending:
+                for ev in self.step():
+                    yield ev
+                pending = {rid for rid in pending if not all(s.finished for s in self._requests[rid].seqs)}
+        finally:
+            self._drop(slots)
+
+    def _drop(self, slots) -> None:
+        """Forget the requests; abort any still running (their blocks are freed)."""
+        for rid in (s for s in slots if isinstance(s, int)):
+            req = self._requests.pop(rid, None)
+            for seq in req.seqs if req else ():
+                if not seq.finished:
+                    self._abort(seq)
+
+    def _abort(self, seq: Sequence) -> None:
+        sch = self.scheduler
+        seq.finish_reason = "abort"
+        if seq in sch.running:
+            sch.finish(seq)
+        elif seq in sch.waiting:
+            sch.waiting.remove(seq)
+        elif seq in sch.swapped:
+            sch.swapped.remove(seq)
+            self.cache._swap_free.extend(seq.swap_slots or [])
+
+    def stats(self):
+        """The block pool's stats (``BlockStats``) plus preemptions so far."""
+        return self.blocks.stats(), self.scheduler.num_preemptions
+
+
+__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "StreamEvent"]

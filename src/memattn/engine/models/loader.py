@@ -1,0 +1,204 @@
+"""Build a model: from a local Hugging Face folder (config.json + safetensors, sharded or not, tokenizer.json),
+from a config dict, or from a named tiny preset with random weights. Never touches the network."""
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+from ..config import ModelConfig
+from .gpt2 import GPT2LMHeadModel
+from .llama import LlamaForCausalLM
+
+LLAMA_TYPES = ("llama", "mistral", "qwen2")
+
+# Hugging Face config.json dicts; "tiny-*" fit the tests (hidden 64, 2 layers, vocab 320).
+_TINY = dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+             max_position_embeddings=512, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+PRESETS = {
+    "tiny-llama": dict(_TINY, model_type="llama", num_key_value_heads=2, rms_norm_eps=1e-6, rope_theta=10000.0),
+    "tiny-llama3": dict(_TINY, model_type="llama", num_key_value_heads=1, rms_norm_eps=1e-5, rope_theta=500000.0,
+                        rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                          original_max_position_embeddings=64)),
+    "tiny-mistral": dict(_TINY, model_type="mistral", num_key_value_heads=2, rms_norm_eps=1e-6, sliding_window=24),
+    "tiny-qwen2": dict(_TINY, model_type="qwen2", num_key_value_heads=2, rms_norm_eps=1e-6, tie_word_embeddings=True),
+    "tiny-gpt2": dict(model_type="gpt2", vocab_size=320, n_embd=64, n_layer=2, n_head=4, n_positions=512,
+                      bos_token_id=1, eos_token_id=2),
+    # about 30M parameters: the serve benchmark's model
+    "llama-30m": dict(model_type="llama", vocab_size=8000, hidden_size=512, intermediate_size=1408,
+                      num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2,
+                      max_position_embeddings=1024, rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2,
+                      tie_word_embeddings=False),
+}
+
+
+def _rope(hf: dict):
+    """(theta, scaling) from either transformers 5's ``rope_parameters`` or the older rope_theta/rope_scaling."""
+    params = hf.get("rope_parameters")
+    if isinstance(params, dict) and "rope_theta" in params:
+        kind = params.get("rope_type", "default")
+        return float(params["rope_theta"]), (None if kind == "default" else dict(params))
+    return float(hf.get("rope_theta", 10000.0)), hf.get("rope_scaling")
+
+
+def _windows(hf: dict, layers: int) -> tuple:
+    mt = hf.get("model_type")
+    w = hf.get("sliding_window")
+    if mt == "qwen2" and not hf.get("use_sliding_window", False):
+        w = None
+    if w is None:
+        return ()
+    types = hf.get("layer_types")
+    if types:
+        return tuple(w if t == "sliding_attention" else None for t in types)
+    if mt == "qwen2":
+        return tuple(w if i >= hf.get("max_window_layers", layers) else None for i in range(layers))
+    return (w,) * layers
+
+
+def _eos(hf: dict) -> tuple:
+    e = hf.get("eos_token_id")
+    return () if e is None else tuple(e) if isinstance(e, (list, tuple)) else (e,)
+
+
+def config_from_hf(hf: dict) -> ModelConfig:
+    """ModelConfig from a Hugging Face config.json dict (llama, mistral, qwen2, gpt2)."""
+    mt = hf.get("model_type")
+    if mt == "gpt2":
+        if hf.get("scale_attn_by_inverse_layer_idx") or hf.get("reorder_and_upcast_attn"):
+            raise ValueError("gpt2 options scale_attn_by_inverse_layer_idx / reorder_and_upcast_attn are not supported")
+        e = hf.get("n_embd", 768)
+        act = hf.get("activation_function", "gelu_new")
+        if act != "gelu_new":
+            raise ValueError(f"gpt2 activation {act!r} is not supported (gelu_new)")
+        return ModelConfig("gpt2", hf["vocab_size"], e, hf.get("n_layer", 12), hf.get("n_head", 12),
+                           hf.get("n_head", 12), hf.get("n_inner") or 4 * e, hf.get("n_positions", 1024),
+                           norm_eps=hf.get("layer_norm_epsilon", 1e-5), tie_word_embeddings=True,
+                           hidden_act=act, bos_token_id=hf.get("bos_token_id"), eos_token_ids=_eos(hf),
+                           model_type=mt)
+    if mt not in LLAMA_TYPES:
+        raise ValueError(f"model_type {mt!r} is not supported; choose from {LLAMA_TYPES + ('gpt2',)}")
+    layers, heads = hf["num_hidden_layers"], hf["num_attention_heads"]
+    theta, scaling = _rope(hf)
+    return ModelConfig(
+        "llama", hf["vocab_size"], hf["hidden_size"], layers, heads, hf.get("num_key_value_heads") or heads,
+        hf["intermediate_size"], hf.get("max_position_embeddings", 2048), head_dim=hf.get("head_dim"),
+        norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=theta, rope_scaling=scaling,
+        windows=_windows(hf, layers), qkv_bias=mt == "qwen2" or bool(hf.get("attention_bias", False)),
+        o_bias=mt != "qwen2" and bool(hf.get("attention_bias", False)), mlp_bias=bool(hf.get("mlp_bias", False)),
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)), hidden_act=hf.get("hidden_act", "silu"),
+        bos_token_id=hf.get("bos_token_id"), eos_token_ids=_eos(hf), model_type=mt)
+
+
+def build_model(cfg: ModelConfig, *, dtype=torch.float32, device="cpu", seed: int | None = 0):
+    """A random-initialised model (normal(0, 0.02) weights, unit norms, zero biases)."""
+    cls = GPT2LMHeadModel if cfg.arch == "gpt2" else LlamaForCausalLM
+    gen = torch.Generator().manual_seed(0 if seed is None else seed)
+    with torch.device("cpu"):
+        model = cls(cfg)
+    for name, p in model.named_parameters():
+        with torch.no_grad():
+            if name.endswith("bias"):
+                p.zero_()
+            elif "norm" in name or "ln_" in name:
+                p.fill_(1.0)
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def _read_safetensors(folder: str) -> dict:
+    from safetensors.torch import load_file
+
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+    else:
+        files = sorted(n for n in os.listdir(folder) if n.endswith(".safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors in {folder}")
+    state = {}
+    for name in files:
+        state.update(load_file(os.path.join(folder, name)))
+    return state
+
+
+def load_folder(folder: str, *, dtype=torch.float32, device="cpu"):
+    """(model, config, tokenizer or None) from a local Hugging Face folder."""
+    with open(os.path.join(folder, "config.json")) as f:
+        cfg = config_from_hf(json.load(f))
+    gen_cfg = os.path.join(folder, "generation_config.json")
+    if os.path.exists(gen_cfg):
+        with open(gen_cfg) as f:
+            eos = _eos(json.load(f))
+        if eos:
+            cfg = ModelConfig(**{**cfg.__dict__, "eos_token_ids": tuple(dict.fromkeys(cfg.eos_token_ids + eos))})
+    cls = GPT2LMHeadModel if cfg.arch == "gpt2" else LlamaForCausalLM
+    with torch.device("meta"):
+        model = cls(cfg)
+    state = _read_safetensors(folder)
+    if cfg.arch == "gpt2":
+        state = {(k if k.startswith(("transformer.", "lm_head.")) else "transformer." + k): v for k, v in state.items()}
+        state = {k: v for k, v in state.items() if not k.endswith((".attn.bias", ".attn.masked_bias"))}
+    if cfg.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    if cfg.tie_word_embeddings:
+        missing = [k for k in missing if k != "lm_head.weight"]
+        model.lm_head.weight = (model.transformer.wte if cfg.arch == "gpt2" else model.model.embed_tokens).weight
+    if missing or unexpected:
+        raise ValueError(f"checkpoint in {folder} does not match {cls.__name__}: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}")
+    if cfg.arch == "llama":
+        from .common import rope_inv_freq
+        model.inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+    return model.to(device=device, dtype=dtype).eval(), cfg, load_tokenizer(folder)
+
+
+class ByteTokenizer:
+    """For random models without a tokenizer: token id = UTF-8 byte value (needs vocab >= 256)."""
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids) -> str:
+        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+
+class HFTokenizer:
+    """A ``tokenizers`` tokenizer.json, with encode/decode on plain lists."""
+
+    def __init__(self, path: str):
+        from tokenizers import Tokenizer
+
+        self.tok = Tokenizer.from_file(path)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text).ids
+
+    def decode(self, ids) -> str:
+        return self.tok.decode(list(ids), skip_special_tokens=True)
+
+
+def load_tokenizer(folder: str):
+    path = os.path.join(folder, "tokenizer.json")
+    return HFTokenizer(path) if os.path.exists(path) else None
+
+
+def load_model(model, *, dtype=torch.float32, device="cpu", seed: int = 0):
+    """(model, config, tokenizer) from a folder path, a preset name, a HF config dict or a ModelConfig."""
+    if isinstance(model, str) and os.path.isdir(model):
+        return load_folder(model, dtype=dtype, device=device)
+    if isinstance(model, str):
+        if model not in PRESETS:
+            raise ValueError(f"{model!r} is neither a local folder nor a preset ({', '.join(PRESETS)})")
+        model = PRESETS[model]
+    cfg = model if isinstance(model, ModelConfig) else config_from_hf(dict(model))
+    tok = ByteTokenizer() if cfg.vocab_size >= 256 else None
+    return build_model(cfg, dtype=dtype, device=device, seed=seed), cfg, tok
+
+
+__all__ = ["PRESETS", "config_from_hf", "build_model", "load_folder", "load_model", "load_tokenizer",
+           "ByteTokenizer", "HFTokenizer"]
