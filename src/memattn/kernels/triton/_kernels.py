@@ -5,7 +5,7 @@ query-block slices, overlapping key windows) with a unit last stride. Scores are
 float32 with the natural exponent; a row that sees no key keeps m = -inf and l = 0 and is
 stored as out 0, lse -inf. Head dims that are not powers of two are padded to BLOCK_D and
 masked. ``PREC`` is the tl.dot input precision: "ieee" for float32 inputs (no TF32 rounding),
-"tf32" (ignored by half-precision dots) otherwise.
+None (the default) for half precision.
 
 Layouts (strides passed in this order): q/dout/out (B, tq, H, D); k/v (B, tk, Hkv, D);
 lse/delta (B, H, tq); mask/bias (B, H, tq, tk) with zero strides where they broadcast.

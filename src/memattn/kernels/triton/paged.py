@@ -13,7 +13,7 @@ import triton
 
 from ..torch_tiles import compute_dtype
 from . import _kernels
-from .tiles import interpreting
+from .tiles import _prec, interpreting
 
 
 def _num_splits(batch, hkv, span, block_t, device) -> int:
@@ -75,7 +75,7 @@ def paged_decode(q, key_cache, value_cache, block_table, ctx_lens, spec):
             vc.stride(0), vc.stride(1), vc.stride(2), table.stride(0),
             part_o.stride(0), part_o.stride(1), part_o.stride(2), part_l.stride(0), part_l.stride(1), ssb,
             g, page, per_split, d, float(spec.scale), float(spec.softcap or 1.0),
-            HAS_ALIBI=slopes is not None, SOFTCAP=bool(spec.softcap), PREC="ieee" if q.dtype == torch.float32 else "tf32",
+            HAS_ALIBI=slopes is not None, SOFTCAP=bool(spec.softcap), PREC=_prec(q.dtype),
             BLOCK_G=max(16, triton.next_power_of_2(g)), BLOCK_T=block_t, BLOCK_D=bd,
             num_warps=1 if interpreting() else 4, num_stages=1 if interpreting() else 3)
     o, l = merge_splits(part_o, part_l)

@@ -63,7 +63,8 @@ def _blocks(dtype, d, backward=False):
 
 
 def _prec(dtype):
-    return "ieee" if dtype == torch.float32 else "tf32"
+    """tl.dot input precision: IEEE for float32 (no TF32 rounding), the default for half precision."""
+    return "ieee" if dtype == torch.float32 else None
 
 
 def _common(q, k, mask, bias):
