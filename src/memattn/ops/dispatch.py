@@ -13,10 +13,11 @@ from .standard import checkpointed_attention, standard_attention
 
 METHODS = ("auto", "standard", "checkpoint", "blockwise")
 
-# Tile edges. The fused CPU kernel tiles internally, so its blocks only bound our merge
-# temporaries and set the mask granularity; the torch tile materialises a block_q x block_k
+# Tile edges. The fused CPU and Triton kernels tile internally, so their blocks only bound our
+# merge temporaries and set the mask granularity; the torch tile materialises a block_q x block_k
 # score tile per head, so it stays small.
-DEFAULT_BLOCK = {"cpu_flash": 1024, "torch": 256}
+DEFAULT_BLOCK = {"cpu_flash": 1024, "torch": 256, "triton": 1024}
+FUSED_TILES = ("cpu_flash", "triton")
 AUTO_BLOCK_Q = 4096
 
 
@@ -66,8 +67,29 @@ def default_block(spec: AttentionSpec, tiles) -> int:
     if mask is not None and mask.preferred_block:
         return mask.preferred_block
     if mask is not None and mask.max_keys_per_row is not None:
+        if kernels.name_of(tiles) == "triton":  # fewer, larger launches: about half the window
+            return max(128, min(1024, 1 << max(0, (mask.max_keys_per_row // 2).bit_length() - 1)))
         return max(32, min(256, 1 << max(0, (mask.max_keys_per_row // 8).bit_length() - 1)))
-    return DEFAULT_BLOCK["cpu_flash" if tiles is kernels.cpu_flash else "torch"]
+    return DEFAULT_BLOCK[kernels.name_of(tiles)]
+
+
+def _sdpa_applies(q, k, spec: AttentionSpec) -> bool:
+    """CUDA, half precision, plain dense or causal with Sq == Sk, nothing else: PyTorch's SDPA
+    (FlashAttention backend) is the fastest exact kernel there, and it agrees with us exactly
+    (its top-left causal equals our bottom-right one when Sq == Sk)."""
+    if not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16) or spec.softcap or spec.alibi_slopes is not None:
+        return False
+    m = spec.mask
+    causal = isinstance(m, WindowMask) and m.left < 0 and m.right == 0
+    return m is None or (causal and q.shape[1] == k.shape[1])
+
+
+def _sdpa_cuda(q, k, v, spec: AttentionSpec):
+    """The one call into SDPA: (B, S, H, D) in and out, transposed only at this boundary."""
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=spec.mask is not None,
+        scale=spec.scale, enable_gqa=q.shape[2] != k.shape[2])
+    return out.transpose(1, 2)
 
 
 def run_method(q, k, v, spec: AttentionSpec, method: str, block_size: int | None, return_lse: bool = True):
@@ -83,8 +105,10 @@ def run_method(q, k, v, spec: AttentionSpec, method: str, block_size: int | None
     default = default_block(spec, tiles)
     block_k = block_size or default
     dense_or_causal = spec.mask is None or (isinstance(spec.mask, WindowMask) and spec.mask.left < 0)
-    if method == "auto" and block_size is None and tiles is kernels.cpu_flash and dense_or_causal:
-        # One query block up to AUTO_BLOCK_Q rows: the fused kernel then runs SDPA's own loop.
+    if method == "auto" and not return_lse and _sdpa_applies(q, k, spec):
+        return _sdpa_cuda(q, k, v, spec), None
+    if method == "auto" and block_size is None and kernels.name_of(tiles) in FUSED_TILES and dense_or_causal:
+        # One query block up to AUTO_BLOCK_Q rows: the fused kernel then runs its own loop.
         block = min(max(q.shape[1], k.shape[1]), AUTO_BLOCK_Q)
         return blockwise_attention(q, k, v, spec, block, block)
     return blockwise_attention(q, k, v, spec, block_size or default, block_k)

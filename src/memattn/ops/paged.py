@@ -193,6 +193,8 @@ def _decode(q, key_cache, value_cache, block_table, ctx_lens, spec, tiles):
     Sequence b's visible keys are [start_b, L_b) (start_b > 0 only with a left window). Step s attends
     every sequence to its logical blocks first_b + s*C ... + C-1, gathered into one scratch buffer.
     """
+    if getattr(tiles, "paged_decode", None) is not None:  # Triton: one fused kernel reads through the table
+        return tiles.paged_decode(q, key_cache, value_cache, block_table, ctx_lens, spec)
     nb_total, bs, hkv, d = key_cache.shape
     b, _, h, _ = q.shape
     g = h // hkv
