@@ -7,6 +7,12 @@ import zlib
 import pytest
 import torch
 
+# Without CUDA the Triton kernels run under the interpreter. The variable must be set before the
+# first import of triton anywhere in the session (transformers and torch.compile import it too),
+# so it is set here, when pytest loads this file, not in the Triton test module.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 # 2-core CI: keep intra-op threads at the machine's size, and never let a test inherit a
 # seed from another (fresh seeds per test, printed on failure through the test id/params).
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))

@@ -240,17 +240,19 @@ def test_favor_is_deterministic_and_redraws(gen):
     assert torch.equal(frozen, linear_attention(q, k, v, feature_map=timed))
 
 
+# The two FAVOR+ tests below are statistical (random features): they use fixed seeds so that a
+# threshold on an estimator's error cannot flake; every other test draws fresh inputs.
 def test_favor_error_falls_with_features():
-    rows = favor_sweep(128, 32, [8, 64, 512], seed=int.from_bytes(os.urandom(2), "little"), heads=2, redraws=3)
+    rows = favor_sweep(128, 32, [8, 64, 512], seed=11, heads=2, redraws=3)
     errs = [e for _, e in rows]
     assert [m for m, _ in rows] == [8, 64, 512]
     assert errs[0] > errs[1] > errs[2], rows
     assert errs[2] < 0.5 * errs[0], rows
 
 
-def test_favor_approximates_softmax_causal(gen):
-    q, k, v, _ = make_inputs(gen, 1, 96, 2, 16, state=False, scale=0.5)
-    err = memattn.ops.linear.linear_attention_error(q, k, v, causal=True, feature_map=FavorFeatures(2048))
+def test_favor_approximates_softmax_causal():
+    q, k, v, _ = make_inputs(torch.Generator().manual_seed(3), 1, 96, 2, 16, state=False, scale=0.5)
+    err = memattn.ops.linear.linear_attention_error(q, k, v, causal=True, feature_map=FavorFeatures(2048, seed=1))
     err_elu = memattn.ops.linear.linear_attention_error(q, k, v, causal=True)
     assert err < 0.1 and err < err_elu
 
