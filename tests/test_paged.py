@@ -232,3 +232,22 @@ def test_segment_merge_empty_sequence():
     assert torch.allclose(out_lse[0, :, 0], want_lse)
     w = torch.exp(lse[:2] - want_lse).unsqueeze(2)
     assert torch.allclose(out[0, 0], (w * o[:2]).sum(0))
+
+
+@pytest.mark.parametrize("vb", [2, 8])
+@pytest.mark.parametrize("window", [(-1, -1), (37, 0)])
+def test_decode_pool_virtual_blocks(vb, window, pool_calls, monkeypatch):
+    """Runs of consecutive physical blocks (sequential allocation) are attended as one larger tile; some runs
+    are misaligned, broken or shared, and the ragged tails stay single blocks."""
+    _seed()
+    monkeypatch.setattr(paged.paged_decode, "VIRTUAL_BLOCKS", vb)
+    bs, lens = 8, [1, 8 * 8, 8 * 8 + 3, 150, 200]
+    q, kc, vc, table, seqlens, _ = _problem(lens, [1], bs, 8, 2, 32, packed=False)
+    kc, vc = torch.randn(120, bs, 2, 32, dtype=torch.float64), torch.randn(120, bs, 2, 32, dtype=torch.float64)
+    table = torch.stack([torch.arange(table.shape[1]) + off for off in (0, 16, 32, 57, 88)]).to(torch.int32)
+    table[2, 1] = 5  # a broken run
+    table[4, :vb] = table[1, :vb]  # a shared (aligned) run
+    sizes, real = [], paged.paged_decode._attend_layer
+    monkeypatch.setattr(paged.paged_decode, "_attend_layer", lambda qx, k, *a: sizes.append(k.shape[1]) or real(qx, k, *a))
+    _check(q, kc, vc, table, seqlens, None, window_size=window)
+    assert pool_calls and vb * bs in sizes and bs in sizes

@@ -17,7 +17,12 @@ extra pass over the KV bytes. Here nothing is copied:
    into *layers*: layer r holds the r-th user of every block, so each layer names a block at most once.
    Layer 0 is the bulk; each further layer is one more call, zero-copy over its id range when that range
    is at most ``_RANGE_SLACK`` x its block count, else on its blocks gathered into a compact copy.
-5. Per-pair partial results ``(out, lse)`` are merged per sequence by a segment log-sum-exp
+5. Fewer, larger tiles: the kernel's cost per (block, head) item dominates 16-token blocks, so an aligned
+   run of ``VIRTUAL_BLOCKS`` consecutive physical blocks (ids p..p+vb-1 with p % vb == 0, at logical
+   blocks J*vb..) is one pair of a second zero-copy view of the pool, ``(num_blocks // vb, vb *
+   block_size, Hkv, D)``. Sequential allocation makes such runs common; a fragmented pool has none and
+   everything stays in single blocks.
+6. Per-pair partial results ``(out, lse)`` are merged per sequence by a segment log-sum-exp
    (``scatter_reduce`` amax, ``index_add_``): out = sum_i exp(lse_i - lse) out_i. A sequence
    without any visible key gets out 0 and lse -inf, never NaN.
 
@@ -32,23 +37,13 @@ from ..kernels import compute_dtype, cpu_flash
 
 # A layer's blocks are attended in place when their id range is at most this many times their count.
 _RANGE_SLACK = 4
+# Runs of this many consecutive physical blocks (aligned in the pool and in the table) become one tile.
+VIRTUAL_BLOCKS = 8
 
 
 def applies(tiles, spec) -> bool:
     """Whether ``decode`` handles this call (else the gather schedule does)."""
     return tiles is cpu_flash and spec.alibi_slopes is None and not spec.softcap
-
-
-def _pairs(block_table, lens, start, bs):
-    """Every (sequence, logical block) with a visible key: seq (P,), col (P,), phys (P,) int64."""
-    dev = lens.device
-    first, end = start // bs, (lens + bs - 1) // bs
-    width = int(end.max()) if lens.numel() else 0
-    cols = torch.arange(width, device=dev)
-    live = (cols >= first.unsqueeze(1)) & (cols < end.unsqueeze(1))  # (B, width)
-    seq, col = live.nonzero(as_tuple=True)
-    phys = block_table[:, :width].to(device=dev, dtype=torch.int64)[seq, col]
-    return seq, col, phys
 
 
 def _layers(phys):
@@ -95,23 +90,56 @@ def _attend_layer(qx, key_cache, value_cache, seq, phys, vis, scale, dummy):
     return o.transpose(1, 2).reshape(-1, hkv * g, d), lse.reshape(-1, hkv * g), row_seq
 
 
+def _virtual_runs(block_table, live, vb):
+    """Which aligned runs of `vb` logical blocks are `vb` consecutive physical blocks starting at a multiple of vb.
+
+    Returns covered (B, width) bool, and the runs as seq, run index J (logical blocks J*vb ...), virtual id."""
+    b, width = live.shape
+    w = width // vb * vb
+    t = block_table[:, :w].to(device=live.device, dtype=torch.int64).view(b, w // vb, vb)
+    ok = (t[..., 0] % vb == 0) & (t == t[..., :1] + torch.arange(vb, device=t.device)).all(-1)
+    ok &= live[:, :w].view(b, w // vb, vb).all(-1)
+    covered = torch.zeros_like(live)
+    covered[:, :w] = ok.repeat_interleave(vb, dim=1)
+    seq, run = ok.nonzero(as_tuple=True)
+    return covered, seq, run, t[seq, run, 0] // vb
+
+
 def decode(q, key_cache, value_cache, block_table, ctx_lens, spec):
     """q (B, 1, H, D) -> out (B, 1, H, D), lse (B, H, 1) in the compute dtype (see the module docstring)."""
-    _, bs, hkv, d = key_cache.shape
+    nblocks, bs, hkv, d = key_cache.shape
     b, _, h, _ = q.shape
     dev = q.device
     lens = torch.tensor(ctx_lens, dtype=torch.int64, device=dev)
     left = spec.mask.left if spec.mask is not None else -1
     start = (lens - 1 - left).clamp(min=0) if left >= 0 else torch.zeros_like(lens)
-    seq, col, phys = _pairs(block_table, lens, start, bs)
+    first, end = start // bs, (lens + bs - 1) // bs
+    width = int(end.max()) if b else 0
+    cols = torch.arange(width, device=dev)
+    live = (cols >= first.unsqueeze(1)) & (cols < end.unsqueeze(1))  # (B, width) logical blocks to read
+    table = block_table[:, :width].to(device=dev, dtype=torch.int64)
+    views = []  # (key view, value view, pairs' sequences, pairs' logical block index in that view, ids in the view)
+    vb = VIRTUAL_BLOCKS
+    if vb > 1 and width >= vb and nblocks >= vb:
+        covered, vseq, vrun, vid = _virtual_runs(table, live, vb)
+        if vseq.numel():
+            nv = nblocks // vb * vb
+            views.append((key_cache[:nv].view(nv // vb, vb * bs, hkv, d), value_cache[:nv].view(nv // vb, vb * bs, hkv, d),
+                          vseq, vrun, vid))
+            live = live & ~covered
+    seq, col = live.nonzero(as_tuple=True)
+    if seq.numel():
+        views.append((key_cache, value_cache, seq, col, table[seq, col]))
     qx = q.reshape(b, hkv, h // hkv, d)
-    pos = col.unsqueeze(1) * bs + torch.arange(bs, device=dev)  # (P, bs) logical token positions
-    vis = (pos >= start[seq].unsqueeze(1)) & (pos < lens[seq].unsqueeze(1))
     parts = []
-    for idx in _layers(phys):
-        v = vis[idx]
-        parts.append(_attend_layer(qx, key_cache, value_cache, seq[idx], phys[idx], None if bool(v.all()) else v,
-                                   spec.scale, b))
+    for kview, vview, seq, col, phys in views:
+        size = kview.shape[1]
+        pos = col.unsqueeze(1) * size + torch.arange(size, device=dev)  # (P, size) logical token positions
+        vis = (pos >= start[seq].unsqueeze(1)) & (pos < lens[seq].unsqueeze(1))
+        for idx in _layers(phys):
+            v = vis[idx]
+            parts.append(_attend_layer(qx, kview, vview, seq[idx], phys[idx], None if bool(v.all()) else v,
+                                       spec.scale, b))
     return _segment_merge(parts, b, h, d, compute_dtype(q.dtype), dev)
 
 
