@@ -235,7 +235,7 @@ def test_segment_merge_empty_sequence():
 
 
 @pytest.mark.parametrize("vb", [2, 8])
-@pytest.mark.parametrize("window", [(-1, -1), (37, 0)])
+@pytest.mark.parametrize("window", [(-1, -1), (70, 0)])
 def test_decode_pool_virtual_blocks(vb, window, pool_calls, monkeypatch):
     """Runs of consecutive physical blocks (sequential allocation) are attended as one larger tile; some runs
     are misaligned, broken or shared, and the ragged tails stay single blocks."""
