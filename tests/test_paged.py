@@ -102,6 +102,7 @@ def test_decode_scratch_is_bounded(monkeypatch):
     _seed()
     q, kc, vc, table, seqlens, cu = _problem([300, 17, 1], [1], 16, 4, 4, 64, packed=False)
     full = paged_attention(q, kc, vc, table, seqlens)
+    monkeypatch.setattr(paged.paged_decode, "applies", lambda *a: False)  # the gather schedule has the scratch
     monkeypatch.setattr(paged, "DECODE_SCRATCH_BYTES", 1)
     monkeypatch.setattr(paged, "PREFILL_BLOCK_K", 24)
     steps = paged_attention(q, kc, vc, table, seqlens)
@@ -167,3 +168,86 @@ def test_bad_input():
         paged_attention(q.float(), kc, vc, table, seqlens)
     with pytest.raises(ValueError, match="batch"):
         paged_attention(q[:1], kc, vc, table, seqlens)
+
+
+def _shared_problem(lens, bs, h, hkv, d):
+    """Decode problem whose tables share blocks: a common prefix (prefix caching / forks) and random repeats."""
+    q, kc, vc, table, seqlens, _ = _problem(lens, [1], bs, h, hkv, d, packed=False)
+    table[1:, :2] = table[0, :2]  # every sequence shares sequence 0's first two blocks
+    table[-1, 2:4] = table[-1, 0]  # one table names a block three times
+    return q, kc, vc, table, seqlens
+
+
+@pytest.fixture
+def pool_calls(monkeypatch):
+    """Counts the zero-copy pool schedule's calls (so a test knows it ran, not the gather fallback)."""
+    calls = []
+    real = paged.paged_decode.decode
+
+    def spy(*a, **kw):
+        calls.append(1)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(paged.paged_decode, "decode", spy)
+    return calls
+
+
+# slack 0: every sharing layer gathered; huge: every layer attended in place over its id range
+@pytest.mark.parametrize("bs,h,hkv,slack", [(8, 8, 1, 4), (16, 4, 4, 4), (32, 8, 1, 4), (16, 8, 1, 0),
+                                            (8, 4, 4, 10**9)])
+def test_decode_pool_shared_blocks(bs, h, hkv, slack, pool_calls, monkeypatch):
+    _seed()
+    monkeypatch.setattr(paged.paged_decode, "_RANGE_SLACK", slack)
+    lens = [1, bs, 3 * bs, 2 * bs + 5, 97, 4 * bs]  # context 1, exact multiples of the block, ragged
+    q, kc, vc, table, seqlens = _shared_problem(lens, bs, h, hkv, 64)
+    _check(q, kc, vc, table, seqlens, None, dtype=torch.bfloat16 if slack == 4 else torch.float32)
+    assert pool_calls
+
+
+@pytest.mark.parametrize("window", [(0, 0), (5, 0), (16, 0), (3, 7)])
+def test_decode_pool_window(window, pool_calls):
+    _seed()
+    q, kc, vc, table, seqlens = _shared_problem([1, 16, 50, 81, 64], 16, 8, 2, 64)
+    _check(q, kc, vc, table, seqlens, None, window_size=window, causal=window[1] == 0)
+    assert pool_calls
+
+
+def test_decode_pool_fallbacks(pool_calls):
+    """ALiBi and softcap stay on the gather schedule (the fused kernel has neither)."""
+    _seed()
+    q, kc, vc, table, seqlens = _shared_problem([1, 16, 50], 16, 4, 2, 64)
+    _check(q, kc, vc, table, seqlens, None, alibi_slopes=torch.rand(4, dtype=torch.float64))
+    _check(q, kc, vc, table, seqlens, None, softcap=2.0)
+    assert not pool_calls
+
+
+def test_segment_merge_empty_sequence():
+    """A sequence that no row feeds (no visible key) gets out 0 and lse -inf, never NaN; rows of seq == B drop."""
+    o = torch.randn(3, 2, 4, dtype=torch.float64)
+    lse = torch.tensor([[0.5, -1.0], [float("-inf"), 2.0], [7.0, 7.0]], dtype=torch.float64)
+    out, out_lse = paged.paged_decode._segment_merge([(o.clone(), lse, torch.tensor([0, 0, 2]))], 2, 2, 4,
+                                                     torch.float64, "cpu")
+    assert (out[1] == 0).all() and torch.isneginf(out_lse[1]).all() and not out.isnan().any()
+    want_lse = torch.logsumexp(lse[:2], 0)
+    assert torch.allclose(out_lse[0, :, 0], want_lse)
+    w = torch.exp(lse[:2] - want_lse).unsqueeze(2)
+    assert torch.allclose(out[0, 0], (w * o[:2]).sum(0))
+
+
+@pytest.mark.parametrize("vb", [2, 8])
+@pytest.mark.parametrize("window", [(-1, -1), (70, 0)])
+def test_decode_pool_virtual_blocks(vb, window, pool_calls, monkeypatch):
+    """Runs of consecutive physical blocks (sequential allocation) are attended as one larger tile; some runs
+    are misaligned, broken or shared, and the ragged tails stay single blocks."""
+    _seed()
+    monkeypatch.setattr(paged.paged_decode, "VIRTUAL_BLOCKS", vb)
+    bs, lens = 8, [1, 8 * 8, 8 * 8 + 3, 150, 200]
+    q, kc, vc, table, seqlens, _ = _problem(lens, [1], bs, 8, 2, 32, packed=False)
+    kc, vc = torch.randn(120, bs, 2, 32, dtype=torch.float64), torch.randn(120, bs, 2, 32, dtype=torch.float64)
+    table = torch.stack([torch.arange(table.shape[1]) + off for off in (0, 16, 32, 57, 88)]).to(torch.int32)
+    table[2, 1] = 5  # a broken run
+    table[4, :vb] = table[1, :vb]  # a shared (aligned) run
+    sizes, real = [], paged.paged_decode._attend_layer
+    monkeypatch.setattr(paged.paged_decode, "_attend_layer", lambda qx, k, *a: sizes.append(k.shape[1]) or real(qx, k, *a))
+    _check(q, kc, vc, table, seqlens, None, window_size=window)
+    assert pool_calls and vb * bs in sizes and bs in sizes

@@ -8,7 +8,9 @@ their log-sum-exp (``merge_attention``).
 
 Two schedules:
 
-- decode (every sequence has one query): all sequences advance together, ``C`` blocks per step.
+- decode (every sequence has one query), on CPU without ALiBi/softcap: zero-copy, one fused-kernel call
+  over the block pool itself and a per-sequence log-sum-exp merge (``paged_decode``, see there).
+- decode otherwise (the gather schedule): all sequences advance together, ``C`` blocks per step.
   One ``index_select`` per step copies B x C blocks of keys (and of values) into a preallocated
   scratch buffer; one tile call attends all sequences to them; a mask appears only on steps where
   some sequence's context starts or ends. GQA query heads sharing a kv head are folded into the
@@ -29,6 +31,7 @@ from .. import kernels, reference
 from .._validate import FLOAT_DTYPES
 from .blockwise import Problem, _tile_args, plan
 from .dispatch import build_spec
+from . import paged_decode
 from .merge import merge_attention
 from .spec import AttentionSpec
 
@@ -189,6 +192,15 @@ def _merge_all(outs, lses):
 
 def _decode(q, key_cache, value_cache, block_table, ctx_lens, spec, tiles):
     """One query per sequence: q (B, 1, H, D); returns out (B, 1, H, D), lse (B, H, 1) in the compute dtype.
+
+    The zero-copy pool schedule (``paged_decode``) where the fused CPU kernel applies, else ``_decode_gather``."""
+    if paged_decode.applies(tiles, spec):
+        return paged_decode.decode(q, key_cache, value_cache, block_table, ctx_lens, spec)
+    return _decode_gather(q, key_cache, value_cache, block_table, ctx_lens, spec, tiles)
+
+
+def _decode_gather(q, key_cache, value_cache, block_table, ctx_lens, spec, tiles):
+    """The gather schedule: out (B, 1, H, D), lse (B, H, 1) in the compute dtype (any tile, ALiBi, softcap).
 
     Sequence b's visible keys are [start_b, L_b) (start_b > 0 only with a left window). Step s attends
     every sequence to its logical blocks first_b + s*C ... + C-1, gathered into one scratch buffer.
