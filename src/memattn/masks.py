@@ -157,33 +157,46 @@ class KeyPaddingMask(Mask):
         return row.unsqueeze(0).expand(len(q_edges) - 1, -1).clone()
 
 
-class AndMask(Mask):
-    """Visible where every part is visible."""
+class _CombinedMask(Mask):
+    """AND or OR of parts. The two are duals: OR's layout is AND's with FULL and EMPTY swapped."""
+
+    is_and = True
 
     def __init__(self, parts):
-        self.parts = [p for m in parts for p in (m.parts if isinstance(m, AndMask) else [m])]
+        cls = type(self)
+        self.parts = [p for m in parts for p in (m.parts if isinstance(m, cls) else [m])]
         self.translation_invariant = all(p.translation_invariant for p in self.parts)
         self.preferred_block = next((p.preferred_block for p in self.parts if p.preferred_block), None)
         bounds = [p.max_keys_per_row for p in self.parts if p.max_keys_per_row is not None]
-        self.max_keys_per_row = min(bounds) if bounds else None
-
-    def __repr__(self):
-        return " & ".join(map(repr, self.parts))
+        # a bound holds for AND if any part has one, for OR only if every part has one
+        if self.is_and and bounds:
+            self.max_keys_per_row = min(bounds)
+        elif not self.is_and and len(bounds) == len(self.parts):
+            self.max_keys_per_row = sum(bounds)
 
     def element_mask(self, seqlen_q, seqlen_k, q0, q1, k0, k1, device=None):
         out = None
         for p in self.parts:
             m = p.element_mask(seqlen_q, seqlen_k, q0, q1, k0, k1, device)
-            out = m if out is None else out & m
+            out = m if out is None else (out & m if self.is_and else out | m)
         return out
 
     def block_kinds(self, seqlen_q, seqlen_k, q_edges, k_edges, device=None):
-        ks = [p.block_kinds(seqlen_q, seqlen_k, q_edges, k_edges, device) for p in self.parts]
-        stacked = torch.stack(ks)
-        kinds = torch.full(ks[0].shape, PARTIAL, dtype=torch.int8)
-        kinds[(stacked == FULL).all(0)] = FULL
-        kinds[(stacked == EMPTY).any(0)] = EMPTY
+        stacked = torch.stack([p.block_kinds(seqlen_q, seqlen_k, q_edges, k_edges, device) for p in self.parts])
+        every, some = (FULL, EMPTY) if self.is_and else (EMPTY, FULL)
+        kinds = torch.full(stacked.shape[1:], PARTIAL, dtype=torch.int8)
+        kinds[(stacked == every).all(0)] = every
+        kinds[(stacked == some).any(0)] = some
         return kinds
+
+
+class AndMask(_CombinedMask):
+    """Visible where every part is visible."""
+
+    is_and = True
+
+    def __repr__(self):
+        return " & ".join(map(repr, self.parts))
 
     def tile_is_causal_diagonal(self, seqlen_q, seqlen_k, q0, q1, k0, k1):
         qe, ke = torch.tensor([q0, q1]), torch.tensor([k0, k1])
@@ -196,31 +209,13 @@ class AndMask(Mask):
         return diag
 
 
-class OrMask(Mask):
+class OrMask(_CombinedMask):
     """Visible where any part is visible."""
 
-    def __init__(self, parts):
-        self.parts = [p for m in parts for p in (m.parts if isinstance(m, OrMask) else [m])]
-        self.translation_invariant = all(p.translation_invariant for p in self.parts)
-        self.preferred_block = next((p.preferred_block for p in self.parts if p.preferred_block), None)
+    is_and = False
 
     def __repr__(self):
         return " | ".join(f"({p!r})" for p in self.parts)
-
-    def element_mask(self, seqlen_q, seqlen_k, q0, q1, k0, k1, device=None):
-        out = None
-        for p in self.parts:
-            m = p.element_mask(seqlen_q, seqlen_k, q0, q1, k0, k1, device)
-            out = m if out is None else out | m
-        return out
-
-    def block_kinds(self, seqlen_q, seqlen_k, q_edges, k_edges, device=None):
-        ks = [p.block_kinds(seqlen_q, seqlen_k, q_edges, k_edges, device) for p in self.parts]
-        stacked = torch.stack(ks)
-        kinds = torch.full(ks[0].shape, PARTIAL, dtype=torch.int8)
-        kinds[(stacked == EMPTY).all(0)] = EMPTY
-        kinds[(stacked == FULL).any(0)] = FULL
-        return kinds
 
 
 def combine(*masks) -> Mask | None:
