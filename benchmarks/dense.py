@@ -83,6 +83,19 @@ def run_case(s, dtype_name, causal, backward, impls, repeats):
     return recs
 
 
+def run_memory(s=16384):
+    """fwdbwd-S{s}-fp32 peak memory only (one measured run each): blockwise and auto against SDPA."""
+    g = torch.Generator().manual_seed(s)
+    q, k, v = (torch.randn(B, s, H, D, generator=g).requires_grad_(True) for _ in range(3))
+    dout = torch.randn(B, s, H, D, generator=g)
+    peaks = {name: measure(make_work(fn, q, k, v, False, True, dout)) / 2**20
+             for name, fn in (("torch.sdpa", sdpa), ("memattn.blockwise", ours("blockwise")),
+                              ("memattn.auto", ours("auto")))}
+    return [_harness.record(f"fwdbwd-S{s}-fp32-memory", name, "torch.sdpa", None, None, peak_mib=peaks[name],
+                            baseline_peak_mib=peaks["torch.sdpa"], peak_ratio=peaks[name] / peaks["torch.sdpa"])
+            for name in ("memattn.blockwise", "memattn.auto")]
+
+
 def run_long(repeats):
     """fwdbwd-causal-S131072-fp32, auto only: one timed run and its measured peak."""
     s = 131072
@@ -118,6 +131,9 @@ def main():
                         continue
                     recs += run_case(s, dtype_name, causal, backward, ["auto", "blockwise"], args.repeats)
                     _harness.print_records(recs[-2:], ("gflops", "baseline_gflops"))
+    if not args.only or args.only in "fwdbwd-S16384-fp32-memory":
+        recs += run_memory()
+        _harness.print_records(recs[-2:], ("peak_ratio",))
     if args.long and (not args.only or args.only in "fwdbwd-causal-S131072-fp32"):
         recs += run_long(args.repeats)
         _harness.print_records(recs[-1:], ("peak_over_io", "gflops"))
