@@ -6,7 +6,7 @@ largest transient workspace. They are estimates by construction; ``memattn.memor
 gives the real figure.
 
     method      forward (transient)            kept per layer for backward      backward adds
-    standard    2 B H S^2 e (scores, probs)    2 B H S^2 e (probs, scores)      2 B H S^2 e + grads
+    standard    2 B H S^2 e (scores, probs)    B H S^2 e (the probabilities)    2 B H S^2 e + grads
     checkpoint  2 B H S^2 e                    nothing beyond the inputs        2 B H S^2 e (recompute) + grads
     blockwise   tile workspace                 out + lse                        tile workspace + grads
     window      tile workspace                 out + lse                        tile workspace + grads
@@ -46,7 +46,7 @@ def estimate(method: str, batch: int, seqlen: int, heads: int, head_dim: int, dt
     state = batch * heads * head_dim * head_dim * 4
     if method in ("standard", "checkpoint"):
         transient = 2 * square
-        kept = 2 * square + act if method == "standard" else act
+        kept = square + act if method == "standard" else act  # softmax output, reused by probs @ v
     elif method == "linear":
         transient = state + 3 * act  # features of q and k, v with its ones column
         kept = act + (seqlen // 64 + 1) * state
