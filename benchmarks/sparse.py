@@ -75,7 +75,6 @@ def _dense_sdpa(mask_obj, s):
 def masked_case(case, mask_obj, mask_mod, ours, s, backward, repeats, useful_pairs):
     q, k, v = _inputs(s, backward, s)
     dout = torch.randn_like(q) if backward else None
-    fns = {"memattn.blockwise": ours}
     baselines = {}
     if s * s * 5 < 0.5 * available_bytes():  # bool mask + SDPA's float copy of it
         baselines["torch.sdpa+densemask"] = _dense_sdpa(mask_obj, s)

@@ -165,7 +165,6 @@ def tile_bwd_dkdv_kernel(DO, Q, K, V, Lse, Delta, DK, DV, Mask, Bias,
     bh = tl.program_id(1)
     b = bh // HKV
     hk = bh % HKV
-    h_all = HKV * G
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d[None, :] < D
