@@ -4,6 +4,7 @@ import torch
 
 import memattn
 from memattn.cache import BlockManager, PagedKVCache
+from memattn.kernels import native
 from memattn.ops import paged
 from memattn.ops.paged import paged_attention, paged_attention_reference
 
@@ -69,6 +70,16 @@ def test_chunked_prefill(bs, h, hkv):
     _check(*_problem(lens, q_lens, bs, h, hkv, 64, packed=True))
 
 
+def _with_slopes(options, batch, heads):
+    """options with alibi_slopes "heads" / "batch" replaced by random float64 slopes (heads,) / (batch, heads)."""
+    kw = dict(options)
+    if kw.get("alibi_slopes") == "heads":
+        kw["alibi_slopes"] = torch.rand(heads, dtype=torch.float64)
+    elif kw.get("alibi_slopes") == "batch":
+        kw["alibi_slopes"] = torch.rand(batch, heads, dtype=torch.float64)
+    return kw
+
+
 @pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("options", [
     dict(window_size=(5, 0)),
@@ -83,12 +94,7 @@ def test_options(packed, options):
     _seed()
     lens, q_lens = [1, 16, 50, 81], ([1, 7, 16, 30] if packed else [1])
     q, kc, vc, table, seqlens, cu = _problem(lens, q_lens, 16, 8, 2, 64, packed=packed)
-    kw = dict(options)
-    if kw.get("alibi_slopes") == "heads":
-        kw["alibi_slopes"] = torch.rand(8, dtype=torch.float64)
-    elif kw.get("alibi_slopes") == "batch":
-        kw["alibi_slopes"] = torch.rand(len(lens), 8, dtype=torch.float64)
-    _check(q, kc, vc, table, seqlens, cu, **kw)
+    _check(q, kc, vc, table, seqlens, cu, **_with_slopes(options, len(lens), 8))
 
 
 def test_uniform_multi_query_and_bfloat16():
@@ -102,7 +108,8 @@ def test_decode_scratch_is_bounded(monkeypatch):
     _seed()
     q, kc, vc, table, seqlens, cu = _problem([300, 17, 1], [1], 16, 4, 4, 64, packed=False)
     full = paged_attention(q, kc, vc, table, seqlens)
-    monkeypatch.setattr(paged.paged_decode, "applies", lambda *a: False)  # the gather schedule has the scratch
+    monkeypatch.setattr(paged.paged_native, "applies", lambda *a: False)  # the gather schedule has the scratch
+    monkeypatch.setattr(paged.paged_decode, "applies", lambda *a: False)
     monkeypatch.setattr(paged, "DECODE_SCRATCH_BYTES", 1)
     monkeypatch.setattr(paged, "PREFILL_BLOCK_K", 24)
     steps = paged_attention(q, kc, vc, table, seqlens)
@@ -178,18 +185,32 @@ def _shared_problem(lens, bs, h, hkv, d):
     return q, kc, vc, table, seqlens
 
 
-@pytest.fixture
-def pool_calls(monkeypatch):
-    """Counts the zero-copy pool schedule's calls (so a test knows it ran, not the gather fallback)."""
+def _spy(monkeypatch, module):
+    """Count calls of module.decode (so a test knows which schedule ran)."""
     calls = []
-    real = paged.paged_decode.decode
+    real = module.decode
 
     def spy(*a, **kw):
         calls.append(1)
         return real(*a, **kw)
 
-    monkeypatch.setattr(paged.paged_decode, "decode", spy)
+    monkeypatch.setattr(module, "decode", spy)
     return calls
+
+
+@pytest.fixture
+def native_calls(monkeypatch):
+    """Counts the native C kernel's calls; skips where no C compiler can build it."""
+    if not native.available():
+        pytest.skip("the native paged decode kernel could not be built here (no C compiler)")
+    return _spy(monkeypatch, paged.paged_native)
+
+
+@pytest.fixture
+def pool_calls(monkeypatch):
+    """Counts the zero-copy pool schedule's calls, with the native kernel off (so float32 runs the pool too)."""
+    monkeypatch.setattr(paged.paged_native, "applies", lambda *a: False)
+    return _spy(monkeypatch, paged.paged_decode)
 
 
 # slack 0: every sharing layer gathered; huge: every layer attended in place over its id range
@@ -251,3 +272,64 @@ def test_decode_pool_virtual_blocks(vb, window, pool_calls, monkeypatch):
     monkeypatch.setattr(paged.paged_decode, "_attend_layer", lambda qx, k, *a: sizes.append(k.shape[1]) or real(qx, k, *a))
     _check(q, kc, vc, table, seqlens, None, window_size=window)
     assert pool_calls and vb * bs in sizes and bs in sizes
+
+
+@pytest.mark.parametrize("bs", [8, 16, 32])
+@pytest.mark.parametrize("d", [64, 80, 128])
+@pytest.mark.parametrize("h,hkv", [(8, 1), (4, 4), (6, 2)])
+def test_decode_native(bs, d, h, hkv, native_calls):
+    """The C kernel on random repeating tables: contexts of 1, exact block multiples, ragged; shared blocks."""
+    _seed()
+    _check(*_problem([1, bs, 3 * bs, 2 * bs + 5, 97], [1], bs, h, hkv, d, packed=False))
+    q, kc, vc, table, seqlens = _shared_problem([1, bs, 3 * bs, 97, 4 * bs], bs, h, hkv, d)
+    _check(q, kc, vc, table, seqlens, None)
+    assert len(native_calls) == 2
+
+
+@pytest.mark.parametrize("options", [
+    dict(window_size=(0, 0)),
+    dict(window_size=(5, 0)),
+    dict(window_size=(16, 0)),
+    dict(causal=False, window_size=(3, 7)),
+    dict(alibi_slopes="heads"),
+    dict(alibi_slopes="batch", window_size=(9, 0)),
+    dict(softcap=3.0),
+    dict(softcap=2.0, alibi_slopes="heads", softmax_scale=0.3),
+], ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+def test_decode_native_options(options, native_calls):
+    _seed()
+    lens = [1, 16, 50, 81, 64]
+    q, kc, vc, table, seqlens = _shared_problem(lens, 16, 8, 2, 64)
+    _check(q, kc, vc, table, seqlens, None, **_with_slopes(options, len(lens), 8))
+    assert native_calls
+
+
+@pytest.mark.parametrize("threads", [1, 2, 7])
+@pytest.mark.parametrize("window", [(-1, -1), (100, 0)])
+def test_decode_native_splits(threads, window, native_calls, monkeypatch):
+    """Long contexts split into runs of blocks on several threads (flash-decoding), merged by log-sum-exp:
+    a batch of one, splits that start past a short sequence's end, windows that skip whole splits."""
+    _seed()
+    monkeypatch.setattr(paged.paged_native, "MIN_SPLIT_TOKENS", 16)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    assert paged.paged_native._splits(1, 40, 8, threads)[0] == (1 if threads == 1 else min(4 * threads, 20))
+    for lens in ([317], [317, 3, 40, 1]):
+        q, kc, vc, table, seqlens, _ = _problem(lens, [1], 8, 4, 2, 64, packed=False)
+        _check(q, kc, vc, table, seqlens, None, window_size=window)
+    assert len(native_calls) == 2
+
+
+def test_decode_native_fallbacks(native_calls, monkeypatch):
+    """bfloat16 (and float64, checked inside _check) use the pool schedule; MEMATTN_NATIVE=0 turns the kernel off."""
+    _seed()
+    problem = _problem([1, 9, 20], [1], 8, 2, 1, 520, packed=False)
+    _check(*problem, dtype=torch.bfloat16)
+    assert not native_calls
+    _check(*problem)
+    assert len(native_calls) == 1
+    monkeypatch.setenv("MEMATTN_NATIVE", "0")
+    monkeypatch.setattr(native, "_tried", False)
+    monkeypatch.setattr(native, "_lib", None)
+    assert not native.available()
+    _check(*problem)
+    assert len(native_calls) == 1

@@ -31,7 +31,7 @@ from .. import kernels, reference
 from .._validate import FLOAT_DTYPES
 from .blockwise import Problem, _tile_args, plan
 from .dispatch import build_spec
-from . import paged_decode
+from . import paged_decode, paged_native
 from .merge import merge_attention
 from .spec import AttentionSpec
 
@@ -193,7 +193,10 @@ def _merge_all(outs, lses):
 def _decode(q, key_cache, value_cache, block_table, ctx_lens, spec, tiles):
     """One query per sequence: q (B, 1, H, D); returns out (B, 1, H, D), lse (B, H, 1) in the compute dtype.
 
-    The zero-copy pool schedule (``paged_decode``) where the fused CPU kernel applies, else ``_decode_gather``."""
+    The native C kernel (``paged_native``) for float32 on the CPU, else the zero-copy pool schedule
+    (``paged_decode``) where the fused CPU kernel applies, else ``_decode_gather``."""
+    if paged_native.applies(q, key_cache, spec):
+        return paged_native.decode(q, key_cache, value_cache, block_table, ctx_lens, spec)
     if paged_decode.applies(tiles, spec):
         return paged_decode.decode(q, key_cache, value_cache, block_table, ctx_lens, spec)
     return _decode_gather(q, key_cache, value_cache, block_table, ctx_lens, spec, tiles)

@@ -1,0 +1,310 @@
+/* Paged decode attention for float32 on the CPU: one query per sequence, keys and values read in place
+ * through the block table (no gather copy), online softmax per block, one pass over the KV bytes.
+ *
+ * Built on first use by memattn/kernels/native.py (cc -O3 -march=native -fopenmp-simd -pthread) and
+ * called through ctypes; no Python or torch headers, so it compiles in about a second.
+ *
+ * Layouts (all contiguous, row-major):
+ *   q      (B, H, D)             query of each sequence
+ *   kc, vc (N, bs, Hkv, D)       the block pool
+ *   table  (B, table_width)      int32 physical block ids
+ *   lens   (B,) int64            visible keys of sequence b are [starts[b], lens[b])
+ *   slopes (B, H) or NULL        ALiBi: score += -slope * (lens[b] - 1 - j)
+ *   out    (B, H, D), lse (B, H) float32; a sequence that sees no key gets out 0, lse -inf
+ * Query head h reads kv head h / (H / Hkv).
+ *
+ * Work: items are (sequence, split); a split is a run of blocks of one sequence, so a few long
+ * sequences still keep every thread busy (flash-decoding). Each item writes a partial (m, l, acc); a
+ * second pass merges the splits of each (sequence, head). Threads take items from an atomic counter.
+ */
+#include <math.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* Blocks ahead whose loads are issued in software (0: none); the pool order of blocks is random. */
+#ifndef PREFETCH
+#define PREFETCH 1
+#endif
+
+/* exp(x) for x <= 0 (scores minus their running max), vectorisable: 2^n * p(r), |r| <= ln2/2,
+ * degree-7 Taylor polynomial (relative error ~5e-9, below float32's epsilon). -inf and x < -87 give 0. */
+static inline float exp_nonpos(float x) {
+    if (!(x > -87.0f)) return 0.0f;  /* also catches -inf and NaN */
+    const float log2e = 1.44269504088896341f, ln2_hi = 0.693359375f, ln2_lo = -2.12194440e-4f;
+    float n = __builtin_roundf(x * log2e);
+    float r = x - n * ln2_hi - n * ln2_lo;
+    float p = 1.0f / 5040.0f;
+    p = p * r + 1.0f / 720.0f;
+    p = p * r + 1.0f / 120.0f;
+    p = p * r + 1.0f / 24.0f;
+    p = p * r + 1.0f / 6.0f;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    int32_t bits = ((int32_t)n + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return p * scale;
+}
+
+/* Score and value passes over one block for one kv head and its g query rows. The generic versions work
+ * for any D; the NV versions (D = 8 * NV, D a compile-time constant) keep the query row, or the row's
+ * accumulator, in vector registers across the block's tokens instead of reloading it per token. */
+typedef float v8 __attribute__((vector_size(32), aligned(4)));
+
+static void scores_any(const float *qs, const float *kt0, int64_t stride, int64_t g, int64_t D, int64_t t0,
+                       int64_t t1, float *s, int64_t bs) {
+    for (int64_t r = 0; r < g; r++)
+        for (int64_t t = t0; t < t1; t++) {
+            const float *kt = kt0 + t * stride, *qr = qs + r * D;
+            float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+            for (int64_t d = 0; d < D; d++) dot += qr[d] * kt[d];
+            s[r * bs + t] = dot;
+        }
+}
+
+static void values_any(float *acc, const float *vt0, int64_t stride, int64_t g, int64_t D, int64_t t0,
+                       int64_t t1, const float *s, int64_t bs) {
+    for (int64_t r = 0; r < g; r++)
+        for (int64_t t = t0; t < t1; t++) {
+            const float w = s[r * bs + t], *vt = vt0 + t * stride;
+            float *ar = acc + r * D;
+#pragma omp simd
+            for (int64_t d = 0; d < D; d++) ar[d] += w * vt[d];
+        }
+}
+
+#define VECTOR_PASSES(NV)                                                                                   \
+    static void scores_##NV(const float *qs, const float *kt0, int64_t stride, int64_t g, int64_t D,       \
+                            int64_t t0, int64_t t1, float *s, int64_t bs) {                                 \
+        (void)D;                                                                                            \
+        for (int64_t r = 0; r < g; r++) {                                                                   \
+            v8 qv[NV];                                                                                      \
+            for (int n = 0; n < NV; n++) qv[n] = *(const v8 *)(qs + r * 8 * NV + 8 * n);                    \
+            for (int64_t t = t0; t < t1; t++) {                                                             \
+                const float *kt = kt0 + t * stride;                                                         \
+                v8 a = {0}, c = {0};                                                                        \
+                for (int n = 0; n + 1 < NV; n += 2) {                                                       \
+                    a += qv[n] * *(const v8 *)(kt + 8 * n);                                                 \
+                    c += qv[n + 1] * *(const v8 *)(kt + 8 * n + 8);                                         \
+                }                                                                                           \
+                if (NV % 2) a += qv[NV - 1] * *(const v8 *)(kt + 8 * (NV - 1));                             \
+                a += c;                                                                                     \
+                s[r * bs + t] = ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]));          \
+            }                                                                                               \
+        }                                                                                                   \
+    }                                                                                                       \
+    static void values_##NV(float *acc, const float *vt0, int64_t stride, int64_t g, int64_t D, int64_t t0, \
+                            int64_t t1, const float *s, int64_t bs) {                                       \
+        (void)D;                                                                                            \
+        for (int64_t r = 0; r < g; r++) {                                                                   \
+            v8 av[NV];                                                                                      \
+            float *ar = acc + r * 8 * NV;                                                                   \
+            for (int n = 0; n < NV; n++) av[n] = *(v8 *)(ar + 8 * n);                                       \
+            for (int64_t t = t0; t < t1; t++) {                                                             \
+                const float w = s[r * bs + t], *vt = vt0 + t * stride;                                      \
+                for (int n = 0; n < NV; n++) av[n] += w * *(const v8 *)(vt + 8 * n);                        \
+            }                                                                                               \
+            for (int n = 0; n < NV; n++) *(v8 *)(ar + 8 * n) = av[n];                                       \
+        }                                                                                                   \
+    }
+
+VECTOR_PASSES(4)
+VECTOR_PASSES(8)
+VECTOR_PASSES(10)
+VECTOR_PASSES(12)
+VECTOR_PASSES(16)
+
+typedef void (*scores_fn)(const float *, const float *, int64_t, int64_t, int64_t, int64_t, int64_t, float *, int64_t);
+typedef void (*values_fn)(float *, const float *, int64_t, int64_t, int64_t, int64_t, int64_t, const float *, int64_t);
+
+static void pick_passes(int64_t D, scores_fn *sc, values_fn *va) {
+    *sc = scores_any;
+    *va = values_any;
+    switch (D) {
+    case 32: *sc = scores_4; *va = values_4; break;
+    case 64: *sc = scores_8; *va = values_8; break;
+    case 80: *sc = scores_10; *va = values_10; break;
+    case 96: *sc = scores_12; *va = values_12; break;
+    case 128: *sc = scores_16; *va = values_16; break;
+    }
+}
+
+/* Request rows*len bytes at p, p + stride, ... (one kv head's slice of every token of a block). */
+static inline void prefetch_rows(const char *p, int64_t rows, int64_t stride, int64_t len) {
+    for (int64_t t = 0; t < rows; t++)
+        for (int64_t off = 0; off < len; off += 64) __builtin_prefetch(p + t * stride + off, 0, 3);
+}
+
+typedef struct {
+    const float *q, *kc, *vc, *slopes;
+    const int32_t *table;
+    const int64_t *lens, *starts;
+    int64_t B, H, Hkv, D, bs, table_width, nsplit, blocks_per_split;
+    float scale, softcap;
+    float *part_acc, *part_m, *part_l; /* (B, H, nsplit, D), (B, H, nsplit) x 2 */
+    int64_t n_items;
+    int64_t next; /* atomic work counter */
+    int failed;   /* set by an item whose scratch allocation failed */
+} job_t;
+
+/* One item: sequence b, every head, blocks [j0, j1) of its visible range. A block's keys for all kv heads
+ * are one contiguous run of bs * Hkv * D floats, read front to back (hardware prefetch works on it; reading
+ * one head's 256-byte rows at a stride is latency-bound), and the next block is prefetched in software
+ * since its place in the pool is random. */
+static void run_item(const job_t *J, int64_t item) {
+    const int64_t D = J->D, bs = J->bs, Hkv = J->Hkv, H = J->H, g = H / Hkv;
+    const int64_t split = item % J->nsplit, b = item / J->nsplit;
+    const int64_t start = J->starts[b], len = J->lens[b];
+    float (*qs)[D] = malloc(sizeof(float[H][D])), (*acc)[D] = malloc(sizeof(float[H][D]));
+    float (*s)[bs] = malloc(sizeof(float[H][bs]));
+    float *m = malloc(sizeof(float[H])), *l = malloc(sizeof(float[H])), *slope = malloc(sizeof(float[H]));
+    if (!qs || !acc || !s || !m || !l || !slope) { __atomic_store_n(&((job_t *)J)->failed, 1, __ATOMIC_RELAXED); goto out; }
+    for (int64_t r = 0; r < H; r++) {
+        const float *qr = J->q + (b * H + r) * D;
+        for (int64_t d = 0; d < D; d++) { qs[r][d] = qr[d] * J->scale; acc[r][d] = 0.0f; }
+        m[r] = -INFINITY;
+        l[r] = 0.0f;
+        slope[r] = J->slopes ? J->slopes[b * H + r] : 0.0f;
+    }
+    const int64_t first = start / bs, end = (len + bs - 1) / bs;
+    const int64_t j0 = first + split * J->blocks_per_split;
+    const int64_t j1 = j0 + J->blocks_per_split < end ? j0 + J->blocks_per_split : end;
+    const int64_t block_floats = bs * Hkv * D;
+    scores_fn scores;
+    values_fn values;
+    pick_passes(D, &scores, &values);
+    for (int64_t j = j0; j < j1; j++) {
+        const int64_t p = J->table[b * J->table_width + j];
+        /* the block PREFETCH ahead: a kv head's slice of it is requested while that head's slice of this
+         * block is computed, so its loads are in flight, spread evenly, while this one computes */
+        const char *kn = NULL, *vn = NULL;
+        if (PREFETCH && j + PREFETCH < j1) {
+            const int64_t pn = J->table[b * J->table_width + j + PREFETCH];
+            kn = (const char *)(J->kc + pn * block_floats);
+            vn = (const char *)(J->vc + pn * block_floats);
+        }
+        const int64_t row_bytes = Hkv * D * (int64_t)sizeof(float), head_bytes = D * (int64_t)sizeof(float);
+        int64_t t0 = start - j * bs, t1 = len - j * bs;
+        if (t0 < 0) t0 = 0;
+        if (t1 > bs) t1 = bs;
+        if (t0 >= t1) continue;
+        const float *kb = J->kc + p * block_floats, *vb = J->vc + p * block_floats;
+        for (int64_t kh = 0; kh < Hkv; kh++) {
+            if (kn) prefetch_rows(kn + kh * head_bytes, bs, row_bytes, head_bytes);
+            scores(qs[kh * g], kb + kh * D, Hkv * D, g, D, t0, t1, s[kh * g], bs);
+        }
+        for (int64_t r = 0; r < H; r++) {
+            float bm = -INFINITY;
+            for (int64_t t = t0; t < t1; t++) {
+                float x = s[r][t];
+                if (J->softcap > 0.0f) x = J->softcap * tanhf(x / J->softcap);
+                if (J->slopes) x -= slope[r] * (float)(len - 1 - (j * bs + t));
+                s[r][t] = x;
+                bm = x > bm ? x : bm;
+            }
+            const float nm = bm > m[r] ? bm : m[r];
+            if (nm > m[r] && l[r] > 0.0f) {  /* rescale what came before to the new max */
+                const float c = exp_nonpos(m[r] - nm);
+                l[r] *= c;
+#pragma omp simd
+                for (int64_t d = 0; d < D; d++) acc[r][d] *= c;
+            }
+            m[r] = nm;
+            float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+            for (int64_t t = t0; t < t1; t++) { const float e = exp_nonpos(s[r][t] - nm); s[r][t] = e; sum += e; }
+            l[r] += sum;
+        }
+        for (int64_t kh = 0; kh < Hkv; kh++) {
+            if (vn) prefetch_rows(vn + kh * head_bytes, bs, row_bytes, head_bytes);
+            values(acc[kh * g], vb + kh * D, Hkv * D, g, D, t0, t1, s[kh * g], bs);
+        }
+    }
+    for (int64_t r = 0; r < H; r++) {
+        const int64_t row = (b * H + r) * J->nsplit + split;
+        memcpy(J->part_acc + row * D, acc[r], (size_t)D * sizeof(float));
+        J->part_m[row] = m[r];
+        J->part_l[row] = l[r];
+    }
+out:
+    free(qs); free(acc); free(s); free(m); free(l); free(slope);
+}
+
+static void *worker(void *arg) {
+    job_t *J = (job_t *)arg;
+    for (;;) {
+        int64_t item = __atomic_fetch_add(&J->next, 1, __ATOMIC_RELAXED);
+        if (item >= J->n_items) break;
+        run_item(J, item);
+    }
+    return NULL;
+}
+
+/* Merge the nsplit partial results of every (sequence, head) into out and lse. */
+static void merge_splits(const job_t *J, float *out, float *lse) {
+    const int64_t D = J->D, ns = J->nsplit;
+    for (int64_t row = 0; row < J->B * J->H; row++) {
+        float mx = -INFINITY, total = 0.0f;
+        for (int64_t k = 0; k < ns; k++) {
+            float mk = J->part_m[row * ns + k];
+            if (J->part_l[row * ns + k] > 0.0f && mk > mx) mx = mk;
+        }
+        float *o = out + row * D;
+        memset(o, 0, (size_t)D * sizeof(float));
+        for (int64_t k = 0; k < ns; k++) {
+            float lk = J->part_l[row * ns + k];
+            if (!(lk > 0.0f)) continue;
+            float w = exp_nonpos(J->part_m[row * ns + k] - mx);
+            total += w * lk;
+            const float *a = J->part_acc + (row * ns + k) * D;
+#pragma omp simd
+            for (int64_t d = 0; d < D; d++) o[d] += w * a[d];
+        }
+        if (total > 0.0f) {
+            float inv = 1.0f / total;
+#pragma omp simd
+            for (int64_t d = 0; d < D; d++) o[d] *= inv;
+            lse[row] = mx + logf(total);
+        } else {
+            lse[row] = -INFINITY;
+        }
+    }
+}
+
+/* Returns 0 on success, 1 when a size exceeds the compile-time limits (the caller falls back), 2 when
+ * scratch memory could not be allocated. */
+int paged_decode_f32(const float *q, const float *kc, const float *vc, const int32_t *table, int64_t table_width,
+                     const int64_t *lens, const int64_t *starts, int64_t B, int64_t H, int64_t Hkv, int64_t D,
+                     int64_t bs, float scale, float softcap, const float *slopes, int64_t nsplit,
+                     int64_t blocks_per_split, float *out, float *lse, int nthreads) {
+    if (Hkv <= 0 || H % Hkv || nsplit < 1) return 1;
+    job_t J = {q, kc, vc, slopes, table, lens, starts, B, H, Hkv, D, bs, table_width, nsplit, blocks_per_split,
+               scale, softcap, NULL, NULL, NULL, B * nsplit, 0, 0};
+    J.part_acc = (float *)malloc((size_t)(B * H * nsplit * D) * sizeof(float) + 1);
+    J.part_m = (float *)malloc((size_t)(B * H * nsplit) * sizeof(float) + 1);
+    J.part_l = (float *)malloc((size_t)(B * H * nsplit) * sizeof(float) + 1);
+    int rc = 0;
+    if (!J.part_acc || !J.part_m || !J.part_l) { rc = 2; goto done; }
+    if (nthreads > J.n_items) nthreads = (int)J.n_items;
+    if (nthreads < 1) nthreads = 1;
+    pthread_t tid[256];
+    if (nthreads > 256) nthreads = 256;
+    int started = 0;
+    for (int t = 1; t < nthreads; t++) {
+        if (pthread_create(&tid[started], NULL, worker, &J) != 0) break;
+        started++;
+    }
+    worker(&J);
+    for (int t = 0; t < started; t++) pthread_join(tid[t], NULL);
+    if (J.failed) { rc = 2; goto done; }
+    merge_splits(&J, out, lse);
+done:
+    free(J.part_acc);
+    free(J.part_m);
+    free(J.part_l);
+    return rc;
+}

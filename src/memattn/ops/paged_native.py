@@ -1,0 +1,66 @@
+"""Paged decode through the native C kernel (``kernels/csrc/paged_decode.c``): float32 on the CPU.
+
+One pass over the visible KV bytes, read in place through the block table: no gather copy (the
+gather schedule's extra pass) and no per-tile call overhead (the fused aten kernel costs a few
+microseconds per (block, head), which dominates 16-token blocks in ``paged_decode``). Each sequence keeps
+all its heads' accumulators in L1 while it walks its blocks, reading each block's keys (all kv heads, one
+contiguous run) front to back once, so GQA reads every key once. Long contexts are split into runs of blocks processed by different threads
+and merged by log-sum-exp (flash-decoding), so a batch of one still uses every core.
+
+Covers causal/non-causal, sliding windows, ALiBi and softcap. Other dtypes and devices use ``paged_decode`` / the gather schedule.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..kernels import native
+
+# A split covers at least this many keys: smaller runs cost more in partial results than they gain.
+MIN_SPLIT_TOKENS = 256
+# Work items wanted per thread, so that uneven context lengths still balance.
+ITEMS_PER_THREAD = 4
+
+
+def applies(q, key_cache, spec) -> bool:
+    """Whether ``decode`` handles this call: float32 CPU tensors, and the kernel could be built here."""
+    return (q.dtype == torch.float32 and q.device.type == "cpu" and key_cache.device.type == "cpu"
+            and native.available())
+
+
+def _splits(b: int, max_blocks: int, bs: int, threads: int) -> tuple[int, int]:
+    """(number of splits, blocks per split) so that B * splits work items cover the threads a few times."""
+    want = -(-ITEMS_PER_THREAD * threads // max(1, b)) if threads > 1 else 1
+    most = max(1, max_blocks * bs // MIN_SPLIT_TOKENS)
+    n = max(1, min(want, most))
+    per = max(1, -(-max_blocks // n))
+    return -(-max_blocks // per) if max_blocks else 1, per
+
+
+def decode(q, key_cache, value_cache, block_table, ctx_lens, spec):
+    """q (B, 1, H, D) -> out (B, 1, H, D), lse (B, H, 1), float32; same contract as ``paged_decode.decode``."""
+    nblocks, bs, hkv, d = key_cache.shape
+    b, _, h, _ = q.shape
+    lens = torch.tensor(ctx_lens, dtype=torch.int64)
+    left = spec.mask.left if spec.mask is not None else -1
+    starts = (lens - 1 - left).clamp(min=0) if left >= 0 else torch.zeros_like(lens)
+    max_blocks = int(((lens + bs - 1) // bs - starts // bs).max()) if b else 0
+    threads = torch.get_num_threads()
+    nsplit, per = _splits(b, max_blocks, bs, threads)
+    qc = q.reshape(b, h, d).contiguous()
+    kc, vc = key_cache.contiguous(), value_cache.contiguous()  # views of a pool are already contiguous
+    table = block_table.to(torch.int32).contiguous()
+    slopes = spec.alibi_slopes
+    if slopes is not None:
+        slopes = slopes.to(torch.float32).expand(b, h).contiguous()
+    out = torch.empty((b, h, d), dtype=torch.float32)
+    lse = torch.empty((b, h), dtype=torch.float32)
+    rc = native.library().paged_decode_f32(
+        qc.data_ptr(), kc.data_ptr(), vc.data_ptr(), table.data_ptr(), table.shape[1], lens.data_ptr(),
+        starts.data_ptr(), b, h, hkv, d, bs, spec.scale, float(spec.softcap or 0.0),
+        slopes.data_ptr() if slopes is not None else None, nsplit, per, out.data_ptr(), lse.data_ptr(), threads)
+    if rc != 0:
+        raise RuntimeError(f"native paged decode failed (code {rc}: {'sizes' if rc == 1 else 'out of memory'})")
+    return out.unsqueeze(1), lse.unsqueeze(2)
+
+
+__all__ = ["applies", "decode", "MIN_SPLIT_TOKENS"]
