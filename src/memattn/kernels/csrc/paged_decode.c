@@ -77,6 +77,17 @@ static void values_any(float *acc, const float *vt0, int64_t stride, int64_t g, 
         }
 }
 
+/* The sums of four 8-lane vectors, as lanes 0-3 of one 4-lane vector (a transposed horizontal add). */
+typedef float v4 __attribute__((vector_size(16)));
+static inline v4 hsum4(v8 a, v8 b, v8 c, v8 d) {
+    v8 ab = __builtin_shufflevector(a, b, 0, 8, 2, 10, 4, 12, 6, 14) + __builtin_shufflevector(a, b, 1, 9, 3, 11, 5, 13, 7, 15);
+    v8 cd = __builtin_shufflevector(c, d, 0, 8, 2, 10, 4, 12, 6, 14) + __builtin_shufflevector(c, d, 1, 9, 3, 11, 5, 13, 7, 15);
+    /* ab = [a01 b01 a23 b23 a45 b45 a67 b67], cd likewise */
+    v8 x = __builtin_shufflevector(ab, cd, 0, 1, 8, 9, 4, 5, 12, 13) + __builtin_shufflevector(ab, cd, 2, 3, 10, 11, 6, 7, 14, 15);
+    /* x = [a0-3 b0-3 c0-3 d0-3 a4-7 b4-7 c4-7 d4-7] */
+    return __builtin_shufflevector(x, x, 0, 1, 2, 3) + __builtin_shufflevector(x, x, 4, 5, 6, 7);
+}
+
 #define VECTOR_PASSES(NV)                                                                                   \
     static void scores_##NV(const float *qs, const float *kt0, int64_t stride, int64_t g, int64_t D,       \
                             int64_t t0, int64_t t1, float *s, int64_t bs) {                                 \
@@ -84,15 +95,23 @@ static void values_any(float *acc, const float *vt0, int64_t stride, int64_t g, 
         for (int64_t r = 0; r < g; r++) {                                                                   \
             v8 qv[NV];                                                                                      \
             for (int n = 0; n < NV; n++) qv[n] = *(const v8 *)(qs + r * 8 * NV + 8 * n);                    \
-            for (int64_t t = t0; t < t1; t++) {                                                             \
-                const float *kt = kt0 + t * stride;                                                         \
-                v8 a = {0}, c = {0};                                                                        \
-                for (int n = 0; n + 1 < NV; n += 2) {                                                       \
-                    a += qv[n] * *(const v8 *)(kt + 8 * n);                                                 \
-                    c += qv[n + 1] * *(const v8 *)(kt + 8 * n + 8);                                         \
+            int64_t t = t0;                                                                                 \
+            for (; t + 4 <= t1; t += 4) { /* four tokens at once: one transposed sum for four dots */       \
+                const float *k0 = kt0 + t * stride, *k1 = k0 + stride, *k2 = k1 + stride, *k3 = k2 + stride; \
+                v8 a = {0}, b = {0}, c = {0}, d = {0};                                                      \
+                for (int n = 0; n < NV; n++) {                                                              \
+                    a += qv[n] * *(const v8 *)(k0 + 8 * n);                                                 \
+                    b += qv[n] * *(const v8 *)(k1 + 8 * n);                                                 \
+                    c += qv[n] * *(const v8 *)(k2 + 8 * n);                                                 \
+                    d += qv[n] * *(const v8 *)(k3 + 8 * n);                                                 \
                 }                                                                                           \
-                if (NV % 2) a += qv[NV - 1] * *(const v8 *)(kt + 8 * (NV - 1));                             \
-                a += c;                                                                                     \
+                v4 sum = hsum4(a, b, c, d);                                                                 \
+                memcpy(s + r * bs + t, &sum, sizeof sum);                                                   \
+            }                                                                                               \
+            for (; t < t1; t++) {                                                                           \
+                const float *kt = kt0 + t * stride;                                                         \
+                v8 a = {0};                                                                                 \
+                for (int n = 0; n < NV; n++) a += qv[n] * *(const v8 *)(kt + 8 * n);                        \
                 s[r * bs + t] = ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]));          \
             }                                                                                               \
         }                                                                                                   \
@@ -174,6 +193,7 @@ static void run_item(const job_t *J, int64_t item) {
     const int64_t j0 = first + split * J->blocks_per_split;
     const int64_t j1 = j0 + J->blocks_per_split < end ? j0 + J->blocks_per_split : end;
     const int64_t block_floats = bs * Hkv * D;
+    const float softcap = J->softcap;
     scores_fn scores;
     values_fn values;
     pick_passes(D, &scores, &values);
@@ -199,13 +219,12 @@ static void run_item(const job_t *J, int64_t item) {
         }
         for (int64_t r = 0; r < H; r++) {
             float bm = -INFINITY;
-            for (int64_t t = t0; t < t1; t++) {
-                float x = s[r][t];
-                if (J->softcap > 0.0f) x = J->softcap * tanhf(x / J->softcap);
-                if (J->slopes) x -= slope[r] * (float)(len - 1 - (j * bs + t));
-                s[r][t] = x;
-                bm = x > bm ? x : bm;
-            }
+            if (softcap > 0.0f)
+                for (int64_t t = t0; t < t1; t++) s[r][t] = softcap * tanhf(s[r][t] / softcap);
+            if (J->slopes)
+                for (int64_t t = t0; t < t1; t++) s[r][t] -= slope[r] * (float)(len - 1 - (j * bs + t));
+#pragma omp simd reduction(max : bm)
+            for (int64_t t = t0; t < t1; t++) bm = s[r][t] > bm ? s[r][t] : bm;
             const float nm = bm > m[r] ? bm : m[r];
             if (nm > m[r] && l[r] > 0.0f) {  /* rescale what came before to the new max */
                 const float c = exp_nonpos(m[r] - nm);
