@@ -297,10 +297,14 @@ def paged_attention(q, key_cache, value_cache, block_table, cache_seqlens, *, cu
     tiles = kernels.select(qp, softcap=spec.softcap)
     cd = kernels.compute_dtype(qp.dtype)
     h = qp.shape[1]
+    decode = [b for b, lq in enumerate(batch.q_lens) if lq == 1]
+    if decode and len(decode) == len(batch.q_lens):  # a pure decode step: no scatter into the packed rows
+        with torch.no_grad():
+            o, l = _decode(qp.unsqueeze(1), key_cache, value_cache, block_table, batch.ctx_lens, spec, tiles)
+        return _finish(batch, o.squeeze(1).to(q.dtype), l.squeeze(2).transpose(0, 1), return_lse)
     out = torch.zeros(qp.shape, dtype=cd, device=qp.device)
     lse = torch.full((h, qp.shape[0]), float("-inf"), dtype=cd, device=qp.device)
     with torch.no_grad():
-        decode = [b for b, lq in enumerate(batch.q_lens) if lq == 1]
         if decode:
             rows = torch.tensor(decode, device=qp.device)
             where = torch.tensor([batch.q_starts[b] for b in decode], device=qp.device)
