@@ -48,10 +48,15 @@ def _cache_dir() -> Path:
 def _build(cc: str) -> Path:
     src = _SRC.read_bytes()
     key = hashlib.sha256(src + " ".join([cc, *_FLAGS, platform.machine(), _cpu_flags()]).encode()).hexdigest()[:16]
-    target = _cache_dir() / f"native-{key}" / "paged_decode.so"
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
+    for root in (_cache_dir(), Path(tempfile.gettempdir()) / f"memattn-{os.getuid() if hasattr(os, 'getuid') else 0}"):
+        target = root / f"native-{key}" / "paged_decode.so"
+        if target.exists():
+            return target
+        try:  # a read-only home folder: build under the temp folder instead
+            target.parent.mkdir(parents=True, exist_ok=True)
+            break
+        except OSError:
+            continue
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
