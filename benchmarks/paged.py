@@ -6,7 +6,9 @@ decode-*: 32 sequences of 4096 cached tokens, block 16, D=64, fp32, block ids a 
 (a fragmented pool). memattn.paged_attention reads the paged cache; the baseline is
 torch.nn.functional.scaled_dot_product_attention on a contiguous (B, Hkv, S, D) cache holding the same
 keys in (B, Hkv, S, D) (the layout SDPA and Hugging Face caches use); also timed, SDPA on the same keys
-in memattn's own (B, S, Hkv, D) cache layout (baseline_bshd_time_s). All are checked against float64 first, then timed interleaved (A B A B ...) after a warm-up,
+in memattn's own (B, S, Hkv, D) cache layout (baseline_bshd_time_s), and SDPA on a (B, Hkv, S, D) cache on huge
+pages (baseline_hugepage_time_s). The paged pool is allocated as PagedKVCache allocates it (huge pages advised,
+``memattn.cache.hugepages``); the main baseline's cache gets torch's default allocation, as HF caches do. All are checked against float64 first, then timed interleaved (A B A B ...) after a warm-up,
 median of --repeats. kv_gbps = K+V bytes / time; copy_gbps = bytes / time of one large tensor copy
 in the same run (the machine's copy bandwidth; each byte counted once). --threads 2 1 repeats the decode
 cases with each torch thread count (on a shared, oversubscribed machine the 1-thread figures are the stable ones).
@@ -36,7 +38,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
 import memattn  # noqa: E402
-from memattn.cache import BlockManager  # noqa: E402
+from memattn.cache import BlockManager, hugepages  # noqa: E402
 
 
 def _peak_mib(fn) -> float:
@@ -77,8 +79,9 @@ def decode_case(name, batch, heads, kv_heads, ctx, repeats, block=16, d=64):
     torch.manual_seed(0)
     nb = ctx // block
     num_blocks = batch * nb
-    kc = torch.randn(num_blocks, block, kv_heads, d)
-    vc = torch.randn(num_blocks, block, kv_heads, d)
+    # the pool as memattn's PagedKVCache allocates it (huge pages advised); the values of torch.randn
+    kc = hugepages.zeros((num_blocks, block, kv_heads, d)).copy_(torch.randn(num_blocks, block, kv_heads, d))
+    vc = hugepages.zeros((num_blocks, block, kv_heads, d)).copy_(torch.randn(num_blocks, block, kv_heads, d))
     table = torch.randperm(num_blocks).view(batch, nb).to(torch.int32)
     seqlens = torch.full((batch,), ctx, dtype=torch.int32)
     q = torch.randn(batch, 1, heads, d)
@@ -98,20 +101,26 @@ def decode_case(name, batch, heads, kv_heads, ctx, repeats, block=16, d=64):
         return torch.nn.functional.scaled_dot_product_attention(q_bhsd, k_bshd.transpose(1, 2), v_bshd.transpose(1, 2),
                                                                 enable_gqa=gqa).transpose(1, 2)
 
+    def sdpa_huge():  # the baseline's contiguous cache on huge pages too (sequential reads gain little from them)
+        return torch.nn.functional.scaled_dot_product_attention(q_bhsd, k_huge, v_huge, enable_gqa=gqa).transpose(1, 2)
+
     k_bshd, v_bshd = k_bhsd.transpose(1, 2).contiguous(), v_bhsd.transpose(1, 2).contiguous()
+    k_huge = hugepages.zeros(k_bhsd.shape).copy_(k_bhsd)
+    v_huge = hugepages.zeros(v_bhsd.shape).copy_(v_bhsd)
     ref = torch.nn.functional.scaled_dot_product_attention(q_bhsd.double(), k_bhsd.double(), v_bhsd.double(),
                                                            enable_gqa=gqa).transpose(1, 2)
     err, base_err = (ours().double() - ref).abs().max().item(), (sdpa().double() - ref).abs().max().item()
     assert err <= 2 * base_err + 1e-6, (err, base_err)
-    t_ours, t_base, t_bshd = _interleaved([ours, sdpa, sdpa_bshd], repeats)
+    t_ours, t_base, t_bshd, t_huge = _interleaved([ours, sdpa, sdpa_bshd, sdpa_huge], repeats)
     kv_bytes = 2 * batch * ctx * kv_heads * d * 4
     return dict(case=name, impl="memattn.paged_attention", baseline="torch.sdpa (contiguous cache)",
                 time_s=t_ours, baseline_time_s=t_base, speedup=t_base / t_ours,
                 peak_mib=_peak_mib(ours), baseline_peak_mib=_peak_mib(sdpa), max_err=err, baseline_max_err=base_err,
                 kv_gbps=kv_bytes / t_ours / 1e9, baseline_kv_gbps=kv_bytes / t_base / 1e9,
-                baseline_bshd_time_s=t_bshd, speedup_vs_bshd=t_bshd / t_ours, threads=torch.get_num_threads(),
+                baseline_bshd_time_s=t_bshd, speedup_vs_bshd=t_bshd / t_ours,
+                baseline_hugepage_time_s=t_huge, speedup_vs_hugepage=t_huge / t_ours, threads=torch.get_num_threads(),
                 block_size=block, batch=batch, heads=heads, kv_heads=kv_heads, ctx=ctx, head_dim=d,
-                block_table="random permutation")
+                block_table="random permutation", pool="memattn.cache.hugepages.zeros (huge pages advised)")
 
 
 def request_lengths(n=1000, max_len=4096, seed=0):
@@ -227,11 +236,12 @@ def main(argv=None):
                 rec["kv_gbps_over_copy"] = rec["kv_gbps"] / rec["copy_gbps"]
             records.append(rec)
     print(f"{'case':32} {'thr':>3} {'ours':>10} {'sdpa bhsd':>10} {'speedup':>8} {'sdpa bshd':>10} {'speedup':>8} "
-          f"{'GB/s':>6} {'base':>6} {'copy':>6}")
+          f"{'sdpa huge':>10} {'speedup':>8} {'GB/s':>6} {'base':>6} {'copy':>6}")
     for r in records:
         if "kv_gbps" in r:
             print(f"{r['case']:32} {r['threads']:3d} {r['time_s'] * 1e3:8.1f}ms {r['baseline_time_s'] * 1e3:8.1f}ms "
                   f"{r['speedup']:8.2f} {r['baseline_bshd_time_s'] * 1e3:8.1f}ms {r['speedup_vs_bshd']:8.2f} "
+                  f"{r['baseline_hugepage_time_s'] * 1e3:8.1f}ms {r['speedup_vs_hugepage']:8.2f} "
                   f"{r['kv_gbps']:6.1f} {r['baseline_kv_gbps']:6.1f} {r['copy_gbps']:6.1f}")
         else:
             p, c = r["paged"], r["contiguous"]

@@ -93,3 +93,12 @@ def test_paged_swap_out_and_in(tmp_path, mmap):
         pool.swap_out([0, 1, 2, 3])
     with pytest.raises(RuntimeError, match="no second tier"):
         _pool().swap_out([0])
+
+
+def test_hugepage_pool_is_zeros():
+    """The pool allocator gives zeros of the asked shape and dtype whether or not the OS grants huge pages."""
+    from memattn.cache import hugepages
+    for shape, dtype in (((3, 5), torch.float32), ((2, 4096, 16, 2, 64), torch.bfloat16)):
+        t = hugepages.zeros(shape, dtype=dtype)
+        assert t.shape == shape and t.dtype == dtype and t.is_contiguous() and not t.any()
+    assert hugepages._madvise_huge(torch.empty(10)) is False  # no 2 MiB-aligned page inside: nothing advised
