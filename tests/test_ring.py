@@ -121,12 +121,12 @@ def _check_case(world, *, layout, causal, h, hkv, d, dtype=torch.float32, with_d
 def _small_pieces(keys=5):
     """K/V travel in pieces of `keys` keys (uneven: 13 = 5 + 4 + 4), so the tiny test shards take
     many ring steps per block, as long sequences do."""
-    saved = ring_module.RING_PIECE
-    ring_module.RING_PIECE = keys
+    saved = ring_module.RING_PIECE, ring_module.RING_FORWARD_PIECE
+    ring_module.RING_PIECE = ring_module.RING_FORWARD_PIECE = keys
     try:
         yield
     finally:
-        ring_module.RING_PIECE = saved
+        ring_module.RING_PIECE, ring_module.RING_FORWARD_PIECE = saved
 
 
 def _expect(exc, match, fn, *args, **kwargs):

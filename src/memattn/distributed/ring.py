@@ -1,7 +1,7 @@
 """Ring attention: the sequence is sharded across ranks; key/value blocks travel around a ring.
 
 Each of the P ranks keeps its queries. Keys and values travel in *pieces* (a block cut into up to
-16): piece c of every rank's block goes once around the ring, a rank computing with the piece it
+32): piece c of every rank's block goes once around the ring, a rank computing with the piece it
 holds while the next is in flight, then piece c + 1. Partial results merge into a running
 (out, lse) in float32 through ``memattn.ops.blockwise``. After every piece of every block has
 visited, each rank holds the exact attention of its queries over the whole sequence. The backward
@@ -93,11 +93,11 @@ def unshard(x: torch.Tensor, group=None, layout: str = "contiguous") -> torch.Te
     return torch.cat(order, dim=1)
 
 
-def _piece_edges(length: int, layout: str) -> list[tuple[int, int]]:
-    """A block of `length` keys cut into pieces [a, b), in the order they travel.
+def _piece_edges(length: int, layout: str, keys: int, most: int) -> list[tuple[int, int]]:
+    """A block of `length` keys cut into pieces [a, b) of about `keys` keys, at most `most` of them,
+    in the order they travel.
 
-    Pieces of about RING_PIECE keys, at most RING_PIECES of them, so the per-rank piece buffers stay
-    a small fraction of a shard. Zigzag: each half is cut separately (no piece straddles the two
+    Zigzag: each half is cut separately (no piece straddles the two
     sequence chunks a rank holds) and the halves alternate, first[0], second[0], first[1], ...:
     under a causal mask a rank sees only the first half of a block from a lower rank but the whole
     block from a higher one, so alternating keeps the work of consecutive ring steps even across ranks.
@@ -106,7 +106,7 @@ def _piece_edges(length: int, layout: str) -> list[tuple[int, int]]:
         spans = [(0, length)]
     else:
         spans = [(0, length // 2), (length // 2, length)]
-    per_span = max(1, min(RING_PIECES // len(spans), -(-(spans[0][1] - spans[0][0]) // RING_PIECE)))
+    per_span = max(1, min(most // len(spans), -(-(spans[0][1] - spans[0][0]) // keys)))
     cut = [[(lo + (hi - lo) * i // per_span, lo + (hi - lo) * (i + 1) // per_span) for i in range(per_span)]
            for lo, hi in spans]
     return [c for group in zip(*cut) for c in group if c[1] > c[0]]
@@ -141,23 +141,26 @@ class _Ring:
     causal: bool
     scale: float
 
-    def plan(self, length: int):
-        """(piece edges, {(source rank, piece index): [(query slice, key slice, spec)]}), built once per call."""
+    def plan(self, length: int, keys: int, most: int):
+        """(piece edges, {(source rank, piece index): [(query slice, key slice, spec)]}), built once
+        per call; pieces of about `keys` keys, at most `most`, and one piece on a ring of one."""
         full = AttentionSpec(scale=self.scale)
         diag = AttentionSpec(scale=self.scale, mask=causal_mask())
-        edges = _piece_edges(length, self.layout)
+        edges = _piece_edges(length, self.layout, keys, most) if self.comm.world > 1 else [(0, length)]
         tiles = {(src, c): [(qs, ks, diag if d else full)
                             for qs, ks, d in _piece_tiles(self.layout, self.causal, self.comm.rank, src, length, a, b)]
                  for src in range(self.comm.world) for c, (a, b) in enumerate(edges)}
         return edges, tiles
 
 
-# K/V (and in the backward their gradients) travel in pieces of about RING_PIECE keys, at most
-# RING_PIECES per block: a rank then holds a few pieces in flight instead of whole blocks, so its
-# peak is its own out, dq, dk, dv plus a fraction of a shard. Each piece is one ring step: a few
-# hundred keys keep the per-step compute far above a message's latency.
-RING_PIECE = 512
-RING_PIECES = 16
+# K/V (and in the backward their gradients) travel in pieces of a block: a rank then holds a few
+# pieces in flight instead of whole blocks. The backward sets the peak (out, dq, dk, dv are all
+# alive), so its pieces are small, about 10 of them alive at once: <= 1/32 of a block each, but at
+# least 512 keys, below which per-call overhead shows (256-key pieces cost ~20% more CPU time).
+# The forward holds only out, so it takes larger pieces: each piece merges into out once per
+# query block, and a merge costs ~10% of a 512-key tile.
+RING_PIECE, RING_PIECES = 512, 32
+RING_FORWARD_PIECE, RING_FORWARD_PIECES = 2048, 4
 # Query block of the forward's tiles (the fused kernel loops over keys itself). Its merge
 # temporaries are a few query blocks of out; the forward's peak (out plus pieces) stays below the
 # backward's (out, dq, dk, dv) for blocks up to a quarter of the shard.
@@ -195,7 +198,7 @@ def _ring_forward(q, k, v, ring: _Ring):
     lse = torch.full((b, h, lq), float("-inf"), dtype=cd, device=q.device)
     tiles = kernels.select(q)
     block_q, _ = _tile_blocks(tiles, lq)
-    edges, plan = ring.plan(lq)
+    edges, plan = ring.plan(lq, RING_FORWARD_PIECE, RING_FORWARD_PIECES)
     for c, (a, e) in enumerate(edges):
         own = (_own_piece(k, a, e), _own_piece(v, a, e))
         for _, src, (kc, vc) in ring.comm.rotate(own, _KV_TAG, f"ring attention forward: K/V piece {c}"):
@@ -219,7 +222,7 @@ def _ring_backward(dout, q, k, v, out, lse, dlse, ring: _Ring):
     cd = kernels.compute_dtype(q.dtype)
     tiles = kernels.select(q)
     _, block = _tile_blocks(tiles if dlse is None else kernels.torch_tiles, q.shape[1])  # dlse: torch tile
-    edges, plan = ring.plan(q.shape[1])
+    edges, plan = ring.plan(q.shape[1], RING_PIECE, RING_PIECES)
     dq = torch.zeros(q.shape, dtype=cd, device=q.device)
     dk = torch.empty(k.shape, dtype=cd, device=k.device)
     dv = torch.empty(v.shape, dtype=cd, device=v.device)
