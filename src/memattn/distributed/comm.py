@@ -118,8 +118,9 @@ class RingComm:
 
         sends: [(tag, tensor)], contiguous tensors that must stay unmodified until ``wait()``.
         recvs: [(tag, template)]: a tensor of that shape and dtype is allocated for each and
-        ``wait()`` returns them in this order. A tag's messages are matched in the order they were
-        posted, so every rank must post the same sequence per tag.
+        ``wait()`` returns them in this order. Gloo matches a tag's messages in the order they were
+        posted; NCCL ignores tags and matches all of a pair's messages in order, so post receives
+        in the order the previous rank posts its sends.
         """
         if self.world == 1:
             return _Pending([], tuple(torch.empty_like(t) for _, t in recvs), what)

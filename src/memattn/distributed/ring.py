@@ -214,9 +214,10 @@ def _ring_backward(dout, q, k, v, out, lse, dlse, ring: _Ring):
     The forward's piece order, with each piece's dK/dV travelling behind it. At every step a rank
     computes its share of the visiting piece's gradients into fresh buffers while the partial sum
     of the ranks before it is in flight, adds it afterwards and passes the sum on with its next
-    step's batch (so each transfer overlaps a step of compute); after the last rank the sum goes home to the piece's owner,
-    which stores it in its dk/dv. All of a step's messages go out in one batch at its start:
-    K/V of the next step, the previous step's dK/dV sum, and (at step 0) a finished piece coming home.
+    step's batch (so each transfer overlaps a step of compute); after the last rank the sum goes
+    home to the piece's owner, which stores it in its dk/dv. All of a step's messages go out in one
+    batch at its start: the previous step's dK/dV sum (or, at step 0, a finished piece going home)
+    and the K/V piece of the next step.
     """
     comm, world = ring.comm, ring.comm.world
     cd = kernels.compute_dtype(q.dtype)
@@ -236,15 +237,17 @@ def _ring_backward(dout, q, k, v, out, lse, dlse, ring: _Ring):
             else:
                 grads = (torch.zeros(kv[0].shape, dtype=cd, device=k.device),
                          torch.zeros(kv[1].shape, dtype=cd, device=v.device))
+                # Receives in the order of the sender's sends (a finished sum, then K/V): NCCL
+                # matches a pair's messages by order, not by tag.
                 recvs = []
-                if step + 1 < world:  # the next step's K/V piece
-                    outgoing += [(_KV_TAG, kv[0]), (_KV_TAG + 1, kv[1])]
-                    recvs += [(_KV_TAG, kv[0]), (_KV_TAG + 1, kv[1])]
                 if step > 0:  # the previous ranks' dK/dV of this piece
                     recvs += [(_DKV_TAG, grads[0]), (_DKV_TAG + 1, grads[1])]
                 elif c > 0:  # our previous piece's finished dK/dV, home from the last rank
                     a0, e0 = edges[c - 1]
                     recvs += [(_HOME_TAG, dk[:, a0:e0]), (_HOME_TAG + 1, dv[:, a0:e0])]
+                if step + 1 < world:  # the next step's K/V piece
+                    outgoing += [(_KV_TAG, kv[0]), (_KV_TAG + 1, kv[1])]
+                    recvs += [(_KV_TAG, kv[0]), (_KV_TAG + 1, kv[1])]
                 pending = comm.exchange(outgoing, recvs, f"ring attention backward: piece {c}, step {step}")
             for qs, ks, spec in plan[src, c]:
                 blockwise_backward(dout[:, qs], q[:, qs], kv[0][:, ks], kv[1][:, ks], out[:, qs], lse[:, :, qs],
@@ -253,13 +256,13 @@ def _ring_backward(dout, q, k, v, out, lse, dlse, ring: _Ring):
             if world == 1:
                 continue
             received = list(pending.wait())
-            if step + 1 < world:
-                kv = (received.pop(0), received.pop(0))
             if step > 0:
                 grads[0].add_(received.pop(0))
                 grads[1].add_(received.pop(0))
             elif c > 0:
-                dk[:, a0:e0], dv[:, a0:e0] = received
+                dk[:, a0:e0], dv[:, a0:e0] = received.pop(0), received.pop(0)
+            if step + 1 < world:
+                kv = (received.pop(0), received.pop(0))
             tag = _DKV_TAG if step + 1 < world else _HOME_TAG
             outgoing = [(tag, grads[0]), (tag + 1, grads[1])]
     if world > 1:  # the last piece comes home
