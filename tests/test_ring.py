@@ -68,9 +68,10 @@ def _entry(rank, world, port, script, outdir, timeout_s):
 # ---------------------------------------------------------------- correctness
 
 
-def _full_inputs(b, s, h, hkv, d):
-    """Fresh float64 inputs made on rank 0 and broadcast: q, k, v, dout, dlse."""
-    shapes = [(b, s, h, d), (b, s, hkv, d), (b, s, hkv, d), (b, s, h, d), (b, h, s)]
+def _full_inputs(b, s, h, hkv, d, sk=None):
+    """Fresh float64 inputs made on rank 0 and broadcast: q, k, v, dout, dlse (k, v of sk tokens)."""
+    sk = s if sk is None else sk
+    shapes = [(b, s, h, d), (b, sk, hkv, d), (b, sk, hkv, d), (b, s, h, d), (b, h, s)]
     seed = torch.tensor([int.from_bytes(os.urandom(4), "little")])
     dist.broadcast(seed, 0)
     gen = torch.Generator().manual_seed(int(seed))
@@ -91,9 +92,10 @@ def _reference(q, k, v, dout, dlse, causal, dtype):
 
 
 def _check_case(world, *, layout, causal, h, hkv, d, dtype=torch.float32, with_dlse=False, b=2, chunk=13,
-                group=None):
-    s = 2 * (world if group is None else dist.get_world_size(group)) * chunk
-    q, k, v, dout, dlse = _full_inputs(b, s, h, hkv, d)
+                group=None, kv_chunk=None):
+    ranks = world if group is None else dist.get_world_size(group)
+    s = 2 * ranks * chunk
+    q, k, v, dout, dlse = _full_inputs(b, s, h, hkv, d, None if kv_chunk is None else 2 * ranks * kv_chunk)
     dlse = dlse if with_dlse else torch.zeros_like(dlse)
     ref = _reference(q, k, v, dout, dlse, causal, torch.float64)
     naive = _reference(q, k, v, dout, dlse, causal, torch.float32)
@@ -178,6 +180,7 @@ def _two_ranks(rank, world, report):
         _check_case(world, layout="zigzag", causal=True, h=3, hkv=3, d=40)
         _check_case(world, layout="contiguous", causal=True, h=9, hkv=3, d=32, with_dlse=True)
         _check_case(world, layout="zigzag", causal=False, h=9, hkv=1, d=59, b=1)
+        _check_case(world, layout="contiguous", causal=False, h=3, hkv=3, d=32, kv_chunk=21)  # Sk != Sq
         singles = [dist.new_group([r]) for r in range(world)]  # a ring of one on each rank
         _check_case(world, layout="zigzag", causal=True, h=3, hkv=1, d=40, group=singles[rank])
     _misuse_cases(rank, world)

@@ -113,8 +113,9 @@ def _piece_edges(length: int, layout: str, keys: int, most: int) -> list[tuple[i
 
 
 def _piece_tiles(layout: str, causal: bool, rank: int, src: int, length: int, a: int, b: int):
-    """[(query slice, key slice within the piece, causal diagonal?)] for this rank's queries (block
-    positions [0, length)) against keys [a, b) of the block that started on rank `src`."""
+    """[(query slice, key slice within the piece, causal diagonal?)] for this rank's queries against
+    keys [a, b) of the block (`length` keys) that started on rank `src`. Causal: the queries hold
+    the same `length` positions; otherwise every query sees every key, whatever their number."""
     def keys(lo, hi):  # block keys [lo, hi) intersected with the piece, in piece coordinates
         lo, hi = max(lo, a), min(hi, b)
         return slice(lo - a, hi - a) if hi > lo else None
@@ -142,8 +143,9 @@ class _Ring:
     scale: float
 
     def plan(self, length: int, keys: int, most: int):
-        """(piece edges, {(source rank, piece index): [(query slice, key slice, spec)]}), built once
-        per call; pieces of about `keys` keys, at most `most`, and one piece on a ring of one."""
+        """(piece edges, {(source rank, piece index): [(query slice, key slice, spec)]}) for blocks of
+        `length` keys, built once per call; pieces of about `keys` keys, at most `most`, and one
+        piece on a ring of one."""
         full = AttentionSpec(scale=self.scale)
         diag = AttentionSpec(scale=self.scale, mask=causal_mask())
         edges = _piece_edges(length, self.layout, keys, most) if self.comm.world > 1 else [(0, length)]
@@ -199,7 +201,7 @@ def _ring_forward(q, k, v, ring: _Ring):
     lse = torch.full((b, h, lq), float("-inf"), dtype=cd, device=q.device)
     tiles = kernels.select(q)
     block_q, _ = _tile_blocks(tiles, lq)
-    edges, plan = ring.plan(lq, RING_FORWARD_PIECE, RING_FORWARD_PIECES)
+    edges, plan = ring.plan(k.shape[1], RING_FORWARD_PIECE, RING_FORWARD_PIECES)
     for c, (a, e) in enumerate(edges):
         own = (_own_piece(k, a, e), _own_piece(v, a, e))
         for _, src, (kc, vc) in ring.comm.rotate(own, _KV_TAG, f"ring attention forward: K/V piece {c}"):
@@ -224,7 +226,7 @@ def _ring_backward(dout, q, k, v, out, lse, dlse, ring: _Ring):
     cd = kernels.compute_dtype(q.dtype)
     tiles = kernels.select(q)
     _, block = _tile_blocks(tiles if dlse is None else kernels.torch_tiles, q.shape[1])  # dlse: torch tile
-    edges, plan = ring.plan(q.shape[1], RING_PIECE, RING_PIECES)
+    edges, plan = ring.plan(k.shape[1], RING_PIECE, RING_PIECES)
     dq = torch.zeros(q.shape, dtype=cd, device=q.device)
     dk = torch.empty(k.shape, dtype=cd, device=k.device)
     dv = torch.empty(v.shape, dtype=cd, device=v.device)
