@@ -1,10 +1,13 @@
 """Ring attention on P = 1, 2, 4 gloo ranks vs single-process memattn attention on the full sequence.
 
-    python benchmarks/ring.py [--json PATH] [--seqlens 16384 65536] [--reps 2]
+    python benchmarks/ring.py [--json PATH] [--seqlens 16384 65536] [--reps 2] [--ranks 1 2 4]
+                              [--masks causal full] [--layouts zigzag contiguous]
 
 Cases ``ring-{causal-|}fwdbwd-S{S}-P{P}-fp32`` (zigzag layout; at S <= 16384 the contiguous
-layout is run for causal cases too, to show its imbalance; above it only P = 2, 4, one run). One spawn of 4 ranks on 127.0.0.1 serves every case:
-P = 1 and 2 run on sub-groups while the other ranks wait at a barrier, and the baseline runs on
+layout is run for causal cases too, to show its imbalance; above it only P = 2, 4, one run). The flags
+pick a subset (for development: ``--seqlens 16384 --ranks 2 --masks causal --layouts zigzag --reps 1``).
+One spawn of max(--ranks) ranks on 127.0.0.1 serves every case: smaller P run on sub-groups of
+ranks 0..P-1 while the other ranks wait at a barrier, and the baseline runs on
 rank 0 with 2 threads between ring runs (interleaved A B A B). Ring ranks use max(1, 2 // P)
 threads: the machine has 2 cores.
 
@@ -32,7 +35,6 @@ import memattn
 import memattn.distributed as md
 from memattn.distributed import comm as ring_comm
 
-WORLD = 4
 B, H, D = 1, 2, 32
 # One fwd+bwd at S = 65536 takes minutes on 2 shared cores: above SHORT only P = 2, 4 (zigzag) run, once.
 SHORT, LONG_RANKS = 16384, (2, 4)
@@ -86,14 +88,14 @@ def _inputs(s, causal_seed):
     return [torch.randn(B, s, h, D, generator=gen) for h in (H, H, H, H)]
 
 
-def _run_case(rank, s, causal, reps, groups, clock):
-    """Rows for one (S, causal): baseline and ring at P = 1, 2, 4, interleaved; rank 0 returns records."""
+def _run_case(rank, s, causal, reps, groups, clock, ranks, layouts):
+    """Rows for one (S, causal): baseline and ring at P in `ranks`, interleaved; rank 0 returns records."""
     q, k, v, dout = _inputs(s, 1234 + s)
     shards, results = {}, {}
     base = {"time": [], "peak": None, "out": None}
     long = s > SHORT
-    configs = [(p, "zigzag") for p in (LONG_RANKS if long else (1, 2, 4))]
-    configs += [(p, "contiguous") for p in (2, 4)] if causal and not long else []
+    configs = [(p, "zigzag") for p in ranks if p in LONG_RANKS or not long] if "zigzag" in layouts else []
+    configs += [(p, "contiguous") for p in ranks if p > 1] if causal and not long and "contiguous" in layouts else []
     for p, layout in configs:
         if rank < p:
             g = groups[p]
@@ -172,15 +174,16 @@ def _shard_error(rank, p, group, layout, ours, base):
     return err
 
 
-def _worker(rank, port, seqlens, reps, json_path):
+def _worker(rank, port, seqlens, reps, json_path, ranks, masks, layouts):
+    world = max(ranks)
     md.init_process_group("gloo", timeout_s=1800, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                          world_size=WORLD)
-    groups = {1: dist.new_group([0]), 2: dist.new_group([0, 1]), 4: dist.group.WORLD}
+                          world_size=world)
+    groups = {p: dist.new_group(list(range(p))) for p in ranks}  # every rank makes every group, in order
     clock = _WaitClock()
     records = []
     for s in seqlens:
-        for causal in (True, False):
-            new = _run_case(rank, s, causal, reps + 1 if s <= SHORT else 1, groups, clock)
+        for causal in [m == "causal" for m in masks]:
+            new = _run_case(rank, s, causal, reps + 1 if s <= SHORT else 1, groups, clock, ranks, layouts)
             records += new
             if rank == 0:
                 _print(new)
@@ -203,11 +206,17 @@ def main(argv=None):
     ap.add_argument("--json", default=None, help="write the records here")
     ap.add_argument("--seqlens", type=int, nargs="+", default=[16384, 65536])
     ap.add_argument("--reps", type=int, default=2, help="timed runs per case at S <= 16384, after a profiled one (above: the profiled run only)")
+    ap.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4], choices=[1, 2, 4])
+    ap.add_argument("--masks", nargs="+", default=["causal", "full"], choices=["causal", "full"])
+    ap.add_argument("--layouts", nargs="+", default=["zigzag", "contiguous"], choices=list(md.LAYOUTS),
+                    help="contiguous runs only for causal cases at S <= 16384")
     args = ap.parse_args(argv)
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    mp.spawn(_worker, args=(port, args.seqlens, args.reps, args.json), nprocs=WORLD)
+    ranks = sorted(set(args.ranks))
+    mp.spawn(_worker, args=(port, args.seqlens, args.reps, args.json, ranks, args.masks, args.layouts),
+             nprocs=max(ranks))
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import os
 import socket
 import time
 import traceback
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 
@@ -23,6 +24,7 @@ import torch.multiprocessing as mp
 
 import memattn.distributed as md
 from memattn import reference
+from memattn.distributed import ring as ring_module
 
 SPAWN_DEADLINE_S = 90
 
@@ -66,9 +68,10 @@ def _entry(rank, world, port, script, outdir, timeout_s):
 # ---------------------------------------------------------------- correctness
 
 
-def _full_inputs(b, s, h, hkv, d):
-    """Fresh float64 inputs made on rank 0 and broadcast: q, k, v, dout, dlse."""
-    shapes = [(b, s, h, d), (b, s, hkv, d), (b, s, hkv, d), (b, s, h, d), (b, h, s)]
+def _full_inputs(b, s, h, hkv, d, sk=None):
+    """Fresh float64 inputs made on rank 0 and broadcast: q, k, v, dout, dlse (k, v of sk tokens)."""
+    sk = s if sk is None else sk
+    shapes = [(b, s, h, d), (b, sk, hkv, d), (b, sk, hkv, d), (b, s, h, d), (b, h, s)]
     seed = torch.tensor([int.from_bytes(os.urandom(4), "little")])
     dist.broadcast(seed, 0)
     gen = torch.Generator().manual_seed(int(seed))
@@ -88,18 +91,22 @@ def _reference(q, k, v, dout, dlse, causal, dtype):
     return (out, lse, *torch.autograd.grad(loss, (q, k, v)))
 
 
-def _check_case(world, *, layout, causal, h, hkv, d, dtype=torch.float32, with_dlse=False, b=2, chunk=13):
-    s = 2 * world * chunk
-    q, k, v, dout, dlse = _full_inputs(b, s, h, hkv, d)
+def _check_case(world, *, layout, causal, h, hkv, d, dtype=torch.float32, with_dlse=False, b=2, chunk=13,
+                group=None, kv_chunk=None):
+    ranks = world if group is None else dist.get_world_size(group)
+    s = 2 * ranks * chunk
+    q, k, v, dout, dlse = _full_inputs(b, s, h, hkv, d, None if kv_chunk is None else 2 * ranks * kv_chunk)
     dlse = dlse if with_dlse else torch.zeros_like(dlse)
     ref = _reference(q, k, v, dout, dlse, causal, torch.float64)
     naive = _reference(q, k, v, dout, dlse, causal, torch.float32)
 
     def sh(t):  # (B, H, S) lse is sharded along its last dim
-        return md.shard(t.transpose(1, 2), layout=layout).transpose(1, 2) if t.dim() == 3 else md.shard(t, layout=layout)
+        if t.dim() == 3:
+            return md.shard(t.transpose(1, 2), group, layout=layout).transpose(1, 2)
+        return md.shard(t, group, layout=layout)
 
     ql, kl, vl = (sh(t).to(dtype).requires_grad_() for t in (q, k, v))
-    out, lse = md.ring_attention(ql, kl, vl, causal=causal, layout=layout, return_lse=True)
+    out, lse = md.ring_attention(ql, kl, vl, group=group, causal=causal, layout=layout, return_lse=True)
     loss = (out * sh(dout).to(dtype)).sum() + ((lse * sh(dlse).to(lse.dtype)).sum() if with_dlse else 0)
     grads = torch.autograd.grad(loss, (ql, kl, vl))
     assert out.dtype == dtype and lse.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
@@ -110,6 +117,18 @@ def _check_case(world, *, layout, causal, h, hkv, d, dtype=torch.float32, with_d
         err = (ours.detach().double() - r64).abs().max().item()
         bound = 1e-10 if dtype == torch.float64 else factor * (sh(rn.detach()).double() - r64).abs().max().item() + 1e-6
         assert err <= bound, f"{what}: {name} error {err:.3g} > bound {bound:.3g}"
+
+
+@contextmanager
+def _small_pieces(keys=5):
+    """K/V travel in pieces of `keys` keys (uneven: 13 = 5 + 4 + 4), so the tiny test shards take
+    many ring steps per block, as long sequences do."""
+    saved = ring_module.RING_PIECE, ring_module.RING_FORWARD_PIECE
+    ring_module.RING_PIECE = ring_module.RING_FORWARD_PIECE = keys
+    try:
+        yield
+    finally:
+        ring_module.RING_PIECE, ring_module.RING_FORWARD_PIECE = saved
 
 
 def _expect(exc, match, fn, *args, **kwargs):
@@ -157,6 +176,13 @@ def _two_ranks(rank, world, report):
             _check_case(world, layout=layout, causal=causal, h=3, hkv=3, d=40)
     _check_case(world, layout="zigzag", causal=True, h=9, hkv=3, d=59, with_dlse=True)
     _check_case(world, layout="contiguous", causal=True, h=9, hkv=1, d=32, dtype=torch.float64)
+    with _small_pieces():
+        _check_case(world, layout="zigzag", causal=True, h=3, hkv=3, d=40)
+        _check_case(world, layout="contiguous", causal=True, h=9, hkv=3, d=32, with_dlse=True)
+        _check_case(world, layout="zigzag", causal=False, h=9, hkv=1, d=59, b=1)
+        _check_case(world, layout="contiguous", causal=False, h=3, hkv=3, d=32, kv_chunk=21)  # Sk != Sq
+        singles = [dist.new_group([r]) for r in range(world)]  # a ring of one on each rank
+        _check_case(world, layout="zigzag", causal=True, h=3, hkv=1, d=40, group=singles[rank])
     _misuse_cases(rank, world)
     _peer_failure_case(rank, world, victim=1, hang=True)
 
@@ -165,6 +191,9 @@ def _four_ranks(rank, world, report):
     for layout in md.LAYOUTS:
         _check_case(world, layout=layout, causal=True, h=9, hkv=3, d=40, b=1)
     _check_case(world, layout="zigzag", causal=False, h=9, hkv=1, d=59, b=1, with_dlse=True)
+    with _small_pieces():
+        _check_case(world, layout="zigzag", causal=True, h=9, hkv=3, d=40, b=1)
+        _check_case(world, layout="contiguous", causal=True, h=3, hkv=3, d=32, b=1)
     _misuse_cases(rank, world)
     if rank == 3:
         report.write_text("ok")

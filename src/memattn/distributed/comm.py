@@ -113,28 +113,32 @@ class RingComm:
         self.next = as_global((self.rank + 1) % self.world)
         self.prev = as_global((self.rank - 1) % self.world)
 
-    def send_recv(self, tensors, tag: int, what: str) -> _Pending:
-        """Start sending `tensors` to the next rank and receiving same-shaped ones from the previous."""
+    def exchange(self, sends, recvs, what: str) -> _Pending:
+        """Post, as one batch, sends to the next rank and receives from the previous one.
+
+        sends: [(tag, tensor)], contiguous tensors that must stay unmodified until ``wait()``.
+        recvs: [(tag, template)]: a tensor of that shape and dtype is allocated for each and
+        ``wait()`` returns them in this order. Gloo matches a tag's messages in the order they were
+        posted; NCCL ignores tags and matches all of a pair's messages in order, so post receives
+        in the order the previous rank posts its sends.
+        """
         if self.world == 1:
-            return _Pending([], tuple(tensors), what)
-        received = tuple(torch.empty_like(t) for t in tensors)
-        ops = []
-        for i, (t, r) in enumerate(zip(tensors, received)):  # one tag per tensor: never matched out of order
-            ops.append(dist.P2POp(dist.irecv, r, self.prev, self.group, tag + i))
-            ops.append(dist.P2POp(dist.isend, t, self.next, self.group, tag + i))
-        # One batch, so NCCL cannot deadlock when the previous and next rank are the same (P = 2).
-        works = dist.batch_isend_irecv(ops)
+            return _Pending([], tuple(torch.empty_like(t) for _, t in recvs), what)
+        received = tuple(torch.empty_like(t) for _, t in recvs)
+        ops = [dist.P2POp(dist.irecv, r, self.prev, self.group, tag) for (tag, _), r in zip(recvs, received)]
+        ops += [dist.P2POp(dist.isend, t, self.next, self.group, tag) for tag, t in sends]
+        # One batch: NCCL progresses a batch's sends and receives together, so a ring whose every
+        # rank sends before it receives cannot deadlock (also when previous == next, P = 2).
+        works = dist.batch_isend_irecv(ops) if ops else []
         return _Pending(works, received, f"rank {self.rank}: {what} (from rank {self.prev}, to rank {self.next})")
 
-    def pass_on(self, tensors, tag: int, what: str, pieces: int = 8) -> None:
-        """Send `tensors` (contiguous) to the next rank and replace their contents, in place, with the
-        previous rank's. Piece by piece, so the only extra memory is one piece; returns when done."""
+    def send_recv(self, tensors, tag: int, what: str) -> _Pending:
+        """Start sending `tensors` to the next rank and receiving same-shaped ones from the previous
+        (tensor i under tag + i, so they are never matched out of order)."""
         if self.world == 1:
-            return
-        for i, t in enumerate(tensors):
-            for j, piece in enumerate(t.view(-1).chunk(pieces)):
-                (incoming,) = self.send_recv((piece,), tag + i, f"{what}, piece {j}").wait()
-                piece.copy_(incoming)
+            return _Pending([], tuple(tensors), what)
+        return self.exchange([(tag + i, t) for i, t in enumerate(tensors)],
+                             [(tag + i, t) for i, t in enumerate(tensors)], what)
 
     def rotate(self, tensors, tag: int, what: str):
         """Yield (step, source rank, tensors) for step 0..P-1: this rank's own tensors, then those of

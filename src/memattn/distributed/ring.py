@@ -1,11 +1,13 @@
 """Ring attention: the sequence is sharded across ranks; key/value blocks travel around a ring.
 
-Each of the P ranks keeps its queries. At step s it holds the K/V block that started on rank
-r - s, runs the blockwise schedule of ``memattn.ops.blockwise`` on (its queries, that block),
-and merges the result into its running (out, lse) in float32, while the next block is already
-on its way. After P steps every rank holds the exact attention of its queries over the whole
-sequence. The backward repeats the rotation, recomputing probabilities from the saved lse; the
-dK/dV of a block travel with it and arrive back at their owner after P hops.
+Each of the P ranks keeps its queries. Keys and values travel in *pieces* (a block cut into up to
+32): piece c of every rank's block goes once around the ring, a rank computing with the piece it
+holds while the next is in flight, then piece c + 1. Partial results merge into a running
+(out, lse) in float32 through ``memattn.ops.blockwise``. After every piece of every block has
+visited, each rank holds the exact attention of its queries over the whole sequence. The backward
+repeats the schedule, recomputing probabilities from the saved lse; a piece's dK/dV partial sum
+follows the piece from rank to rank and finally goes home to its owner. Pieces rather than whole
+blocks keep what a rank holds beyond its own out, dq, dk, dv to a fraction of a shard.
 
 Layouts (S = P * L tokens, rank r holds L of them):
 
@@ -36,7 +38,9 @@ from ..ops.spec import AttentionSpec
 from .comm import RingComm, RingError, agree, all_gather, dtype_code, group_info
 
 LAYOUTS = ("contiguous", "zigzag")
-_KV_TAG, _DKV_TAG = 10, 20  # two tags each (k, v): a block and its gradient may be in flight at once
+# Two tags each (k, v): K/V, the dK/dV partial sums and the finished dK/dV going home may all be in
+# flight at once between the same two ranks (at P = 2 "home" is the next rank too).
+_KV_TAG, _DKV_TAG, _HOME_TAG = 10, 20, 30
 
 _ALL = slice(None)
 
@@ -89,17 +93,44 @@ def unshard(x: torch.Tensor, group=None, layout: str = "contiguous") -> torch.Te
     return torch.cat(order, dim=1)
 
 
-def _step_tiles(layout: str, causal: bool, rank: int, src: int, half: int):
-    """[(query slice, key slice, causal diagonal?)] for this rank's queries against the block of `src`."""
+def _piece_edges(length: int, layout: str, keys: int, most: int) -> list[tuple[int, int]]:
+    """A block of `length` keys cut into pieces [a, b) of about `keys` keys, at most `most` of them,
+    in the order they travel.
+
+    Zigzag: each half is cut separately (no piece straddles the two
+    sequence chunks a rank holds) and the halves alternate, first[0], second[0], first[1], ...:
+    under a causal mask a rank sees only the first half of a block from a lower rank but the whole
+    block from a higher one, so alternating keeps the work of consecutive ring steps even across ranks.
+    """
+    if layout == "contiguous" or length < 2:
+        spans = [(0, length)]
+    else:
+        spans = [(0, length // 2), (length // 2, length)]
+    per_span = max(1, min(most // len(spans), -(-(spans[0][1] - spans[0][0]) // keys)))
+    cut = [[(lo + (hi - lo) * i // per_span, lo + (hi - lo) * (i + 1) // per_span) for i in range(per_span)]
+           for lo, hi in spans]
+    return [c for group in zip(*cut) for c in group if c[1] > c[0]]
+
+
+def _piece_tiles(layout: str, causal: bool, rank: int, src: int, length: int, a: int, b: int):
+    """[(query slice, key slice within the piece, causal diagonal?)] for this rank's queries against
+    keys [a, b) of the block (`length` keys) that started on rank `src`. Causal: the queries hold
+    the same `length` positions; otherwise every query sees every key, whatever their number."""
+    def keys(lo, hi):  # block keys [lo, hi) intersected with the piece, in piece coordinates
+        lo, hi = max(lo, a), min(hi, b)
+        return slice(lo - a, hi - a) if hi > lo else None
+
     if not causal:
-        return [(_ALL, _ALL, False)]
-    if src == rank:
-        return [(_ALL, _ALL, True)]
-    if layout == "contiguous":
-        return [(_ALL, _ALL, False)] if src < rank else []
-    if src < rank:
-        return [(_ALL, slice(0, half), False)]
-    return [(slice(half, None), _ALL, False)]
+        pairs = [(_ALL, keys(0, length), False)]
+    elif src == rank:  # own block: query i sees key j <= i (local order is global order, both layouts)
+        pairs = [(slice(a, b), keys(a, b), True), (slice(b, length), keys(a, b), False)]
+    elif layout == "contiguous":
+        pairs = [(_ALL, keys(0, length), False)] if src < rank else []
+    elif src < rank:  # zigzag: all our queries come after the block's first chunk, before its second
+        pairs = [(_ALL, keys(0, length // 2), False)]
+    else:  # only our second chunk comes after the (whole) block
+        pairs = [(slice(length // 2, length), keys(0, length), False)]
+    return [(qs, ks, diag) for qs, ks, diag in pairs if ks is not None and (qs.stop or length) != qs.start]
 
 
 @dataclass(frozen=True)
@@ -111,69 +142,138 @@ class _Ring:
     causal: bool
     scale: float
 
-    def steps(self, q_len: int):
-        """(spec, causal?) per tile for each source rank, built once per call."""
+    def plan(self, length: int, keys: int, most: int):
+        """(piece edges, {(source rank, piece index): [(query slice, key slice, spec)]}) for blocks of
+        `length` keys, built once per call; pieces of about `keys` keys, at most `most`, and one
+        piece on a ring of one."""
         full = AttentionSpec(scale=self.scale)
         diag = AttentionSpec(scale=self.scale, mask=causal_mask())
-        return {src: [(qs, ks, diag if c else full)
-                      for qs, ks, c in _step_tiles(self.layout, self.causal, self.comm.rank, src, q_len // 2)]
-                for src in range(self.comm.world)}
+        edges = _piece_edges(length, self.layout, keys, most) if self.comm.world > 1 else [(0, length)]
+        tiles = {(src, c): [(qs, ks, diag if d else full)
+                            for qs, ks, d in _piece_tiles(self.layout, self.causal, self.comm.rank, src, length, a, b)]
+                 for src in range(self.comm.world) for c, (a, b) in enumerate(edges)}
+        return edges, tiles
 
 
-# Tile edge cap: the ring keeps ~6 shard-sized buffers (out, dq, K/V, travelling dK/dV), so the
-# schedule's per-tile temporaries must stay small next to them; 512 costs ~1% in Python overhead.
-RING_BLOCK_MAX = 512
+# K/V (and in the backward their gradients) travel in pieces of a block: a rank then holds a few
+# pieces in flight instead of whole blocks. The backward sets the peak (out, dq, dk, dv are all
+# alive), so its pieces are small, about 10 of them alive at once: <= 1/32 of a block each, but at
+# least 512 keys: per key, the fused CPU backward costs ~8% more on 512-key tiles than on 1024-key
+# ones, ~38% more on 256-key ones (1 thread, H=2, D=32).
+# The forward holds only out, so it takes larger pieces: each piece merges into out once per
+# query block, and a merge costs ~10% of a 512-key tile.
+RING_PIECE, RING_PIECES = 512, 32
+RING_FORWARD_PIECE, RING_FORWARD_PIECES = 2048, 4
+# Query block of the forward's tiles (the fused kernel loops over keys itself). Its merge
+# temporaries are a few query blocks of out; the forward's peak (out plus pieces) stays below the
+# backward's (out, dq, dk, dv) for blocks up to a quarter of the shard.
+RING_FORWARD_BLOCK_Q = 4096
 
 
-def _blocks(tiles) -> int:
-    return min(RING_BLOCK_MAX, DEFAULT_BLOCK["cpu_flash" if tiles is kernels.cpu_flash else "torch"])
+def _tile_blocks(tiles, length: int) -> tuple[int, int]:
+    """(forward block, backward block), square so a causal diagonal stays one kernel-causal tile.
+    The torch tile materialises scores, so it keeps its small default; the fused tile's backward
+    temporaries grow with the tile, so it keeps the 1024 of single-process attention."""
+    if tiles is not kernels.cpu_flash:
+        return DEFAULT_BLOCK["torch"], DEFAULT_BLOCK["torch"]
+    return max(DEFAULT_BLOCK["cpu_flash"], min(RING_FORWARD_BLOCK_Q, length // 4)), DEFAULT_BLOCK["cpu_flash"]
 
 
 def _whole(q, k):
-    """The schedule's problem list for one (query slice, key block) pair: a single problem."""
+    """The schedule's problem list for one (query slice, key piece) pair: a single problem."""
     return (Problem(0, q.shape[1], 0, k.shape[1]),)
 
 
+def _own_piece(x, a, b):
+    """Keys [a, b) of this rank's block, contiguous (a copy only when batch > 1) so it can be sent."""
+    return x[:, a:b].contiguous()
+
+
 def _ring_forward(q, k, v, ring: _Ring):
+    """out (B, L, H, D) and lse (B, H, L) in the compute dtype, for this rank's L queries.
+
+    Piece by piece: piece c of every block goes once around the ring (step s holds piece c of the
+    block of rank - s) while the next one is in flight, then piece c + 1.
+    """
     b, lq, h, d = q.shape
     cd = kernels.compute_dtype(q.dtype)
     out = torch.zeros(b, lq, h, d, dtype=cd, device=q.device)
     lse = torch.full((b, h, lq), float("-inf"), dtype=cd, device=q.device)
     tiles = kernels.select(q)
-    block = _blocks(tiles)
-    plan = ring.steps(lq)
-    for _, src, (kb, vb) in ring.comm.rotate((k, v), _KV_TAG, "ring attention forward: K/V"):
-        for qs, ks, spec in plan[src]:
-            blockwise_forward(q[:, qs], kb[:, ks], vb[:, ks], spec, _whole(q[:, qs], kb[:, ks]), block, block,
-                              tiles, into=(out[:, qs], lse[:, :, qs]))
+    block_q, _ = _tile_blocks(tiles, lq)
+    edges, plan = ring.plan(k.shape[1], RING_FORWARD_PIECE, RING_FORWARD_PIECES)
+    for c, (a, e) in enumerate(edges):
+        own = (_own_piece(k, a, e), _own_piece(v, a, e))
+        for _, src, (kc, vc) in ring.comm.rotate(own, _KV_TAG, f"ring attention forward: K/V piece {c}"):
+            for qs, ks, spec in plan[src, c]:
+                blockwise_forward(q[:, qs], kc[:, ks], vc[:, ks], spec, _whole(q[:, qs], kc[:, ks]), block_q,
+                                  block_q, tiles, into=(out[:, qs], lse[:, :, qs]))
     return out, lse
 
 
 def _ring_backward(dout, q, k, v, out, lse, dlse, ring: _Ring):
+    """dq (B, L, H, D), dk, dv (B, L, Hkv, D) in the input dtypes.
+
+    The forward's piece order, with each piece's dK/dV travelling behind it. At every step a rank
+    computes its share of the visiting piece's gradients into fresh buffers while the partial sum
+    of the ranks before it is in flight, adds it afterwards and passes the sum on with its next
+    step's batch (so each transfer overlaps a step of compute); after the last rank the sum goes
+    home to the piece's owner, which stores it in its dk/dv. All of a step's messages go out in one
+    batch at its start: the previous step's dK/dV sum (or, at step 0, a finished piece going home)
+    and the K/V piece of the next step.
+    """
+    comm, world = ring.comm, ring.comm.world
     cd = kernels.compute_dtype(q.dtype)
     tiles = kernels.select(q)
-    block = _blocks(tiles if dlse is None else kernels.torch_tiles)  # blockwise takes the torch tile for dlse
-    plan = ring.steps(q.shape[1])
+    _, block = _tile_blocks(tiles if dlse is None else kernels.torch_tiles, q.shape[1])  # dlse: torch tile
+    edges, plan = ring.plan(k.shape[1], RING_PIECE, RING_PIECES)
     dq = torch.zeros(q.shape, dtype=cd, device=q.device)
-    dkb = dvb = None
-    what = "ring attention backward: dK/dV"
-    for step, src, (kb, vb) in ring.comm.rotate((k, v), _KV_TAG, "ring attention backward: K/V"):
-        # dK/dV of this block so far: zero on its owner, then whatever the ranks before us added.
-        if dkb is None:
-            dkb = torch.zeros(kb.shape, dtype=cd, device=kb.device)
-            dvb = torch.zeros(vb.shape, dtype=cd, device=vb.device)
-        for qs, ks, spec in plan[src]:
-            blockwise_backward(dout[:, qs], q[:, qs], kb[:, ks], vb[:, ks], out[:, qs], lse[:, :, qs],
-                               None if dlse is None else dlse[:, :, qs], spec, _whole(q[:, qs], kb[:, ks]),
-                               block, block, tiles,
-                               into=(dq[:, qs], dkb[:, ks], dvb[:, ks]))
-        if step + 1 < ring.comm.world:
-            # In place and piecewise: holding our partial and the incoming one at once, next to the
-            # K/V in flight, would make this hop the peak of the whole call (8 shards instead of 6).
-            ring.comm.pass_on((dkb, dvb), _DKV_TAG, f"{what}, step {step}")
-        del kb, vb
-    ring.comm.pass_on((dkb, dvb), _DKV_TAG, f"{what}, return to owner")  # this rank's own block comes home
-    return dq.to(q.dtype), dkb.to(k.dtype), dvb.to(v.dtype)
+    dk = torch.empty(k.shape, dtype=cd, device=k.device)
+    dv = torch.empty(v.shape, dtype=cd, device=v.device)
+    outgoing = []  # [(tag, tensor)] finished by the last step, sent with the next step's batch
+    for c, (a, e) in enumerate(edges):
+        kv = (_own_piece(k, a, e), _own_piece(v, a, e))
+        for step in range(world):
+            src = (comm.rank - step) % world
+            if world == 1:  # no ring: accumulate straight into the result
+                grads = (dk[:, a:e].zero_(), dv[:, a:e].zero_())
+            else:
+                grads = (torch.zeros(kv[0].shape, dtype=cd, device=k.device),
+                         torch.zeros(kv[1].shape, dtype=cd, device=v.device))
+                # Receives in the order of the sender's sends (a finished sum, then K/V): NCCL
+                # matches a pair's messages by order, not by tag.
+                recvs = []
+                if step > 0:  # the previous ranks' dK/dV of this piece
+                    recvs += [(_DKV_TAG, grads[0]), (_DKV_TAG + 1, grads[1])]
+                elif c > 0:  # our previous piece's finished dK/dV, home from the last rank
+                    a0, e0 = edges[c - 1]
+                    recvs += [(_HOME_TAG, dk[:, a0:e0]), (_HOME_TAG + 1, dv[:, a0:e0])]
+                if step + 1 < world:  # the next step's K/V piece
+                    outgoing += [(_KV_TAG, kv[0]), (_KV_TAG + 1, kv[1])]
+                    recvs += [(_KV_TAG, kv[0]), (_KV_TAG + 1, kv[1])]
+                pending = comm.exchange(outgoing, recvs, f"ring attention backward: piece {c}, step {step}")
+            for qs, ks, spec in plan[src, c]:
+                blockwise_backward(dout[:, qs], q[:, qs], kv[0][:, ks], kv[1][:, ks], out[:, qs], lse[:, :, qs],
+                                   None if dlse is None else dlse[:, :, qs], spec, _whole(q[:, qs], kv[0][:, ks]),
+                                   block, block, tiles, into=(dq[:, qs], grads[0][:, ks], grads[1][:, ks]))
+            if world == 1:
+                continue
+            received = list(pending.wait())
+            if step > 0:
+                grads[0].add_(received.pop(0))
+                grads[1].add_(received.pop(0))
+            elif c > 0:
+                dk[:, a0:e0], dv[:, a0:e0] = received.pop(0), received.pop(0)
+            if step + 1 < world:
+                kv = (received.pop(0), received.pop(0))
+            tag = _DKV_TAG if step + 1 < world else _HOME_TAG
+            outgoing = [(tag, grads[0]), (tag + 1, grads[1])]
+    if world > 1:  # the last piece comes home
+        a0, e0 = edges[-1]
+        pending = comm.exchange(outgoing, [(_HOME_TAG, dk[:, a0:e0]), (_HOME_TAG + 1, dv[:, a0:e0])],
+                                "ring attention backward: last piece home")
+        dk[:, a0:e0], dv[:, a0:e0] = pending.wait()
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
 class _RingAttention(torch.autograd.Function):
