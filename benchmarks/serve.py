@@ -83,6 +83,8 @@ def _runner(name: str, folder: str, args):
 
 def worker(args) -> int:
     """One implementation in this process: check run, then the timed run; results as JSON to args.out."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
     reqs = _requests(args)
     run = _runner(args.worker, args.folder, args)
     check = run([(p, min(m, CHECK_TOKENS)) for p, m in reqs[:args.check]])
@@ -90,7 +92,8 @@ def worker(args) -> int:
     with ProcessPeak() as peak:
         r = run(reqs)
     # the machine is shared: the 1-minute load average at the end of the timed run says how much it was
-    r.update(check_tokens=check["tokens"], peak_mib=peak.peak_mib, loadavg_1m=os.getloadavg()[0])
+    r.update(check_tokens=check["tokens"], peak_mib=peak.peak_mib, loadavg_1m=os.getloadavg()[0],
+             threads=torch.get_num_threads())
     with open(args.out, "w") as f:
         json.dump(r, f)
     return 0
@@ -108,7 +111,7 @@ def _spawn(name: str, folder: str, args, tmp: str) -> dict:
            "--num-requests", str(args.num_requests), "--max-prompt", str(args.max_prompt),
            "--max-output", str(args.max_output), "--seed", str(args.seed), "--check", str(args.check),
            "--kv-mib", str(args.kv_mib), "--max-num-seqs", str(args.max_num_seqs),
-           "--max-batched-tokens", str(args.max_batched_tokens)]
+           "--max-batched-tokens", str(args.max_batched_tokens), "--threads", str(args.threads)]
     subprocess.run(cmd, check=True, env=dict(os.environ, TRANSFORMERS_VERBOSITY="error"))
     with open(out) as f:
         return json.load(f)
@@ -140,6 +143,7 @@ def main(argv=None) -> int:
     p.add_argument("--kv-mib", type=int, default=256, help="KV pool of both continuous-batching engines")
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--max-batched-tokens", type=int, default=2048, help="token budget per step (both engines)")
+    p.add_argument("--threads", type=int, default=0, help="intra-op threads of every worker (0: torch's default)")
     p.add_argument("--json", default=None, metavar="PATH")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--folder", default=None, help=argparse.SUPPRESS)
@@ -171,7 +175,7 @@ def main(argv=None) -> int:
     common = dict(tokens_per_s=ours["out_tokens"] / ours["wall_s"], mean_ttft_s=ours["mean_ttft_s"],
                   peak_mib=ours["peak_mib"], kv_reserved_mib=ours.get("kv_reserved_mib"), out_tokens=ours["out_tokens"],
                   prompt_tokens=n_prompt, params_m=n_params / 1e6, max_batched_tokens=args.max_batched_tokens,
-                  loadavg_1m=ours["loadavg_1m"],
+                  loadavg_1m=ours["loadavg_1m"], worker_threads=ours["threads"],
                   peak_memory="process RSS high-water mark above the start of the timed run")
     records, ok = [], True
     for name, r in results.items():
