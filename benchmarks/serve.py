@@ -4,7 +4,8 @@ transformers' own continuous batching.
 64 requests, seeded prompt lengths 16-512 and output lengths 16-256, a random-initialised ~30M-parameter
 Llama config (preset "llama-30m"), float32 on CPU, greedy, EOS ignored. Implementations:
 
-- ``memattn.engine``: ``memattn.LLM`` (paged KV, chunked prefill, continuous batching);
+- ``memattn.engine``: ``memattn.LLM`` (paged KV, chunked prefill, continuous batching), 128-token KV blocks
+  (``--block-size``; transformers' continuous batching pages 256 tokens);
 - ``hf.generate-bN``: transformers ``generate`` on left-padded batches of N (``--hf-batch``, several allowed),
   its default dynamic cache, each batch run to its longest output;
 - ``hf.generate_batch``: transformers' continuous batching (the manager behind ``model.generate_batch``, with a
@@ -60,9 +61,10 @@ def _runner(name: str, folder: str, args):
 
         def run(reqs):
             llm = LLM(folder, kv_cache_memory=args.kv_mib << 20, max_num_seqs=args.max_num_seqs,
-                      max_num_batched_tokens=args.max_batched_tokens)
+                      max_num_batched_tokens=args.max_batched_tokens, block_size=args.block_size)
             r = run_engine(llm, reqs)
             r["kv_reserved_mib"] = llm.cache.kv.numel() * llm.cache.kv.element_size() / 2**20
+            r["preemptions"] = llm.stats()[1]
             return r
         return run
     import transformers
@@ -111,7 +113,8 @@ def _spawn(name: str, folder: str, args, tmp: str) -> dict:
            "--num-requests", str(args.num_requests), "--max-prompt", str(args.max_prompt),
            "--max-output", str(args.max_output), "--seed", str(args.seed), "--check", str(args.check),
            "--kv-mib", str(args.kv_mib), "--max-num-seqs", str(args.max_num_seqs),
-           "--max-batched-tokens", str(args.max_batched_tokens), "--threads", str(args.threads)]
+           "--max-batched-tokens", str(args.max_batched_tokens), "--threads", str(args.threads),
+           "--block-size", str(args.block_size)]
     subprocess.run(cmd, check=True, env=dict(os.environ, TRANSFORMERS_VERBOSITY="error"))
     with open(out) as f:
         return json.load(f)
@@ -143,6 +146,9 @@ def main(argv=None) -> int:
     p.add_argument("--kv-mib", type=int, default=256, help="KV pool of both continuous-batching engines")
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--max-batched-tokens", type=int, default=2048, help="token budget per step (both engines)")
+    p.add_argument("--block-size", type=int, default=128,
+                   help="the engine's KV block (LLM's default is 16; on CPU 128-token blocks make the decode "
+                        "kernel's tiles 8x larger: decode steps of 64 sequences measured 1.6x faster)")
     p.add_argument("--threads", type=int, default=0, help="intra-op threads of every worker (0: torch's default)")
     p.add_argument("--json", default=None, metavar="PATH")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -175,7 +181,8 @@ def main(argv=None) -> int:
     common = dict(tokens_per_s=ours["out_tokens"] / ours["wall_s"], mean_ttft_s=ours["mean_ttft_s"],
                   peak_mib=ours["peak_mib"], kv_reserved_mib=ours.get("kv_reserved_mib"), out_tokens=ours["out_tokens"],
                   prompt_tokens=n_prompt, params_m=n_params / 1e6, max_batched_tokens=args.max_batched_tokens,
-                  loadavg_1m=ours["loadavg_1m"], worker_threads=ours["threads"],
+                  loadavg_1m=ours["loadavg_1m"], worker_threads=ours["threads"], block_size=args.block_size,
+                  preemptions=ours.get("preemptions"),
                   peak_memory="process RSS high-water mark above the start of the timed run")
     records, ok = [], True
     for name, r in results.items():
