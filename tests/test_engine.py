@@ -177,3 +177,12 @@ def test_cli_generate(capsys):
     assert main(["generate", "--random", "tiny-llama", "--prompt", "Hello", "--max-tokens", "5",
                  "--kv-blocks", "8"]) == 0
     assert "5 tokens" in capsys.readouterr().err
+
+
+def test_cli_bench_serve(capsys):
+    from memattn.cli import main
+
+    assert main(["bench-serve", "--model", "tiny-llama", "--num-requests", "3", "--max-prompt", "40",
+                 "--max-output", "20", "--max-num-batched-tokens", "32", "--kv-mib", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "output tokens/s" in out and "mean TTFT s" in out

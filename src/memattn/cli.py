@@ -184,7 +184,8 @@ def cmd_bench_serve(args) -> int:
     from .engine import LLM
     from .engine.workload import make_requests, run_engine
 
-    llm = LLM(args.model or "llama-30m", max_num_seqs=args.max_num_seqs)
+    llm = LLM(args.model or "llama-30m", max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+              block_size=args.block_size, kv_cache_memory=args.kv_mib << 20)
     reqs = make_requests(args.num_requests, seed=args.seed, prompt_lens=(16, args.max_prompt),
                          output_lens=(16, args.max_output), vocab=llm.model_config.vocab_size)
     with _Progress(args.num_requests, "requests") as bar:
@@ -251,6 +252,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--max-prompt", type=_positive, default=512)
     b.add_argument("--max-output", type=_positive, default=256)
     b.add_argument("--max-num-seqs", type=_positive, default=64)
+    b.add_argument("--max-num-batched-tokens", type=_positive, default=2048, help="token budget per step")
+    b.add_argument("--block-size", type=_positive, default=128,
+                   help="tokens per KV block (128 on CPU: larger decode tiles, as benchmarks/serve.py)")
+    b.add_argument("--kv-mib", type=_positive, default=256, help="KV pool size in MiB")
     b.add_argument("--seed", type=int, default=0)
     b.set_defaults(func=cmd_bench_serve)
     return p

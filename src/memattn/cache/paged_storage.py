@@ -96,6 +96,20 @@ class PagedKVCache:
         dst = _as_index([d for _, d in pairs], self.kv.device)
         self.kv[:, :, dst] = self.kv[:, :, src]
 
+    @property
+    def num_free_swap_slots(self) -> int:
+        """Slots of the second tier free for ``swap_out`` (0 without one)."""
+        return len(self._swap_free)
+
+    def release_swap(self, slots) -> None:
+        """Drop swapped-out data that will not be swapped in (its sequence was aborted): the slots become free."""
+        slots = list(slots)
+        total = 0 if self.swap is None else self.swap.shape[2]
+        taken = set(range(total)) - set(self._swap_free)
+        if not set(slots) <= taken or len(set(slots)) != len(slots):
+            raise ValueError(f"swap slots {sorted(set(slots) - taken)} hold nothing (or repeat)")
+        self._swap_free.extend(slots)
+
     def swap_out(self, blocks) -> list[int]:
         """Copy blocks to the second tier; return the swap slots that now hold them (for ``swap_in``).
         The blocks themselves may be reused by the caller afterwards."""

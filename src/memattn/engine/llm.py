@@ -283,18 +283,7 @@ class LLM:
             req = self._requests.pop(rid, None)
             for seq in req.seqs if req else ():
                 if not seq.finished:
-                    self._abort(seq)
-
-    def _abort(self, seq: Sequence) -> None:
-        sch = self.scheduler
-        seq.finish_reason = "abort"
-        if seq in sch.running:
-            sch.finish(seq)
-        elif seq in sch.waiting:
-            sch.waiting.remove(seq)
-        elif seq in sch.swapped:
-            sch.swapped.remove(seq)
-            self.cache._swap_free.extend(seq.swap_slots or [])
+                    self.scheduler.abort(seq)
 
     def stats(self):
         """The block pool's stats (``BlockStats``) plus preemptions so far."""

@@ -96,7 +96,7 @@ class Scheduler:
     def _swap_out(self, seq: Sequence) -> bool:
         bs = self.blocks.block_size
         table = self.blocks.block_table(seq.seq_id)[:-(-seq.num_computed // bs)]  # blocks holding computed KV
-        if not table or self.cache.swap is None or len(table) > len(self.cache._swap_free):
+        if not table or self.cache.swap is None or len(table) > self.cache.num_free_swap_slots:
             return False  # nothing computed, or no room in the host tier: recompute instead
         seq.swap_slots = self.cache.swap_out(table)
         self.blocks.free(seq.seq_id)
@@ -160,8 +160,21 @@ class Scheduler:
         return out
 
     def finish(self, seq: Sequence) -> None:
+        """A running sequence is done: its blocks are freed (its full blocks stay in the prefix cache)."""
         self.running.remove(seq)
         self.blocks.free(seq.seq_id)
+
+    def abort(self, seq: Sequence) -> None:
+        """Drop an unfinished sequence wherever it is: its blocks, or its swapped-out copy, are freed."""
+        seq.finish_reason = "abort"
+        if seq in self.running:
+            self.finish(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        elif seq in self.swapped:
+            self.swapped.remove(seq)
+            self.cache.release_swap(seq.swap_slots)
+            seq.swap_slots = None
 
 
 __all__ = ["Sequence", "Scheduler"]

@@ -5,6 +5,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from ...cache import PagedKVCache
 from ...ops.paged import paged_attention
@@ -42,6 +43,39 @@ def paged_self_attention(q, k, v, batch: StepBatch, cache: PagedKVCache, layer: 
                            causal=True, window_size=window_size)
 
 
+class FusedLinear(nn.Linear):
+    """One ``nn.Linear`` standing for several of a checkpoint's projections that read the same input.
+
+    ``parts``: [(checkpoint module name, out_features)], in output order; the weight is their rows
+    concatenated, so one GEMM replaces several and the input is read once. The module owning it calls
+    ``FusedLinear.load_parts(self)`` in its ``__init__``: then a state dict holding the parts (``q_proj.weight``,
+    ``k_proj.weight``, ... beside the fused module) loads into the fused weight (and bias).
+    ``split(y)``: y (..., sum(out_features)) -> the parts' outputs, views.
+    """
+
+    def __init__(self, in_features: int, parts, *, bias: bool):
+        self.parts = [(name, int(n)) for name, n in parts]
+        super().__init__(in_features, sum(n for _, n in self.parts), bias=bias)
+
+    @staticmethod
+    def load_parts(owner: nn.Module) -> None:
+        """Make ``owner.load_state_dict`` concatenate the checkpoint's parts into owner's FusedLinear children.
+
+        The hook sits on the owner: its own key check runs before its children's hooks would."""
+        def hook(module, state_dict, prefix, *_):
+            for child_name, child in module.named_children():
+                if not isinstance(child, FusedLinear):
+                    continue
+                for kind in ("weight", "bias"):
+                    keys = [f"{prefix}{name}.{kind}" for name, _ in child.parts]
+                    if all(k in state_dict for k in keys):
+                        state_dict[f"{prefix}{child_name}.{kind}"] = torch.cat([state_dict.pop(k) for k in keys])
+        owner.register_load_state_dict_pre_hook(hook)
+
+    def split(self, y: torch.Tensor):
+        return y.split([n for _, n in self.parts], dim=-1)
+
+
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
     """Inverse frequencies (head_dim / 2,) float32, with "linear" or "llama3" scaling applied."""
     inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
@@ -62,16 +96,23 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Te
 
 
 def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype):
-    """cos, sin (T, 1, head_dim) for the positions, halves repeated (the rotate-half convention)."""
-    freqs = positions.to(torch.float32)[:, None] * inv_freq[None, :]
-    emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+    """cos, sin (T, 1, head_dim / 2) of positions (T,) x inv_freq (head_dim / 2,): computed once per step."""
+    freqs = (positions.to(torch.float32)[:, None] * inv_freq[None, :])[:, None, :]
+    return freqs.cos().to(dtype), freqs.sin().to(dtype)
 
 
 def apply_rope(x, cos, sin):
+    """Rotate x (T, heads, head_dim) by the half-size cos, sin (T, 1, head_dim / 2) of ``rope_cos_sin``
+    (the rotate-half convention: x1' = x1 cos - x2 sin, x2' = x2 cos + x1 sin on the two halves)."""
     half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+    x1, x2 = x[..., :half], x[..., half:]
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    o1, o2 = out[..., :half], out[..., half:]
+    torch.mul(x1, cos, out=o1)
+    o1.addcmul_(x2, sin, value=-1)
+    torch.mul(x2, cos, out=o2)
+    o2.addcmul_(x1, sin)
+    return out
 
 
-__all__ = ["StepBatch", "paged_self_attention", "rope_inv_freq", "rope_cos_sin", "apply_rope"]
+__all__ = ["StepBatch", "FusedLinear", "paged_self_attention", "rope_inv_freq", "rope_cos_sin", "apply_rope"]

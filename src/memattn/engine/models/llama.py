@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from .common import StepBatch, apply_rope, paged_self_attention, rope_cos_sin, rope_inv_freq
+from .common import FusedLinear, StepBatch, apply_rope, paged_self_attention, rope_cos_sin, rope_inv_freq
 
 
 class RMSNorm(nn.Module):
@@ -27,12 +27,14 @@ class RMSNorm(nn.Module):
 
 
 class LlamaAttention(nn.Module):
+    """Checkpoint's q_proj, k_proj, v_proj load into one fused ``qkv_proj`` (one GEMM per layer)."""
+
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         h, hkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.hidden_size, h * d, bias=cfg.qkv_bias)
-        self.k_proj = nn.Linear(cfg.hidden_size, hkv * d, bias=cfg.qkv_bias)
-        self.v_proj = nn.Linear(cfg.hidden_size, hkv * d, bias=cfg.qkv_bias)
+        self.qkv_proj = FusedLinear(cfg.hidden_size, [("q_proj", h * d), ("k_proj", hkv * d), ("v_proj", hkv * d)],
+                                    bias=cfg.qkv_bias)
+        FusedLinear.load_parts(self)
         self.o_proj = nn.Linear(h * d, cfg.hidden_size, bias=cfg.o_bias)
         self.shape = (h, hkv, d)
         self.layer, self.window, self.scale = layer, cfg.window(layer), d ** -0.5
@@ -40,24 +42,28 @@ class LlamaAttention(nn.Module):
     def forward(self, x, cos, sin, batch: StepBatch, cache):
         h, hkv, d = self.shape
         t = x.shape[0]
-        q = apply_rope(self.q_proj(x).view(t, h, d), cos, sin)
-        k = apply_rope(self.k_proj(x).view(t, hkv, d), cos, sin)
-        v = self.v_proj(x).view(t, hkv, d)
-        out = paged_self_attention(q, k, v, batch, cache, self.layer, scale=self.scale, window=self.window)
+        qkv = self.qkv_proj(x).view(t, h + 2 * hkv, d)
+        qk = apply_rope(qkv[:, :h + hkv], cos, sin)  # q and k heads rotated together
+        out = paged_self_attention(qk[:, :h], qk[:, h:], qkv[:, h + hkv:], batch, cache, self.layer,
+                                   scale=self.scale, window=self.window)
         return self.o_proj(out.reshape(t, h * d))
 
 
 class LlamaMLP(nn.Module):
+    """Checkpoint's gate_proj and up_proj load into one fused ``gate_up_proj``."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         if cfg.hidden_act != "silu":
             raise ValueError(f"llama MLP supports hidden_act 'silu', got {cfg.hidden_act!r}")
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+        n = cfg.intermediate_size
+        self.gate_up_proj = FusedLinear(cfg.hidden_size, [("gate_proj", n), ("up_proj", n)], bias=cfg.mlp_bias)
+        FusedLinear.load_parts(self)
+        self.down_proj = nn.Linear(n, cfg.hidden_size, bias=cfg.mlp_bias)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj.split(self.gate_up_proj(x))
+        return self.down_proj(F.silu(gate).mul_(up))
 
 
 class LlamaDecoderLayer(nn.Module):
