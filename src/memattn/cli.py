@@ -253,8 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--max-output", type=_positive, default=256)
     b.add_argument("--max-num-seqs", type=_positive, default=64)
     b.add_argument("--max-num-batched-tokens", type=_positive, default=2048, help="token budget per step")
-    b.add_argument("--block-size", type=_positive, default=128,
-                   help="tokens per KV block (128 on CPU: larger decode tiles, as benchmarks/serve.py)")
+    b.add_argument("--block-size", type=_positive, default=16,
+                   help="tokens per KV block (LLM's default)")
     b.add_argument("--kv-mib", type=_positive, default=256, help="KV pool size in MiB")
     b.add_argument("--seed", type=int, default=0)
     b.set_defaults(func=cmd_bench_serve)
