@@ -98,14 +98,25 @@ static inline v4 hsum4(v8 a, v8 b, v8 c, v8 d) {
             int64_t t = t0;                                                                                 \
             for (; t + 4 <= t1; t += 4) { /* four tokens at once: one transposed sum for four dots */       \
                 const float *k0 = kt0 + t * stride, *k1 = k0 + stride, *k2 = k1 + stride, *k3 = k2 + stride; \
-                v8 a = {0}, b = {0}, c = {0}, d = {0};                                                      \
-                for (int n = 0; n < NV; n++) {                                                              \
+                /* two accumulators per token: chains of NV/2 dependent FMAs instead of NV */               \
+                v8 a = {0}, b = {0}, c = {0}, d = {0}, a2 = {0}, b2 = {0}, c2 = {0}, d2 = {0};              \
+                for (int n = 0; n + 1 < NV; n += 2) {                                                       \
                     a += qv[n] * *(const v8 *)(k0 + 8 * n);                                                 \
                     b += qv[n] * *(const v8 *)(k1 + 8 * n);                                                 \
                     c += qv[n] * *(const v8 *)(k2 + 8 * n);                                                 \
                     d += qv[n] * *(const v8 *)(k3 + 8 * n);                                                 \
+                    a2 += qv[n + 1] * *(const v8 *)(k0 + 8 * n + 8);                                        \
+                    b2 += qv[n + 1] * *(const v8 *)(k1 + 8 * n + 8);                                        \
+                    c2 += qv[n + 1] * *(const v8 *)(k2 + 8 * n + 8);                                        \
+                    d2 += qv[n + 1] * *(const v8 *)(k3 + 8 * n + 8);                                        \
                 }                                                                                           \
-                v4 sum = hsum4(a, b, c, d);                                                                 \
+                if (NV % 2) {                                                                               \
+                    a += qv[NV - 1] * *(const v8 *)(k0 + 8 * (NV - 1));                                     \
+                    b += qv[NV - 1] * *(const v8 *)(k1 + 8 * (NV - 1));                                     \
+                    c += qv[NV - 1] * *(const v8 *)(k2 + 8 * (NV - 1));                                     \
+                    d += qv[NV - 1] * *(const v8 *)(k3 + 8 * (NV - 1));                                     \
+                }                                                                                           \
+                v4 sum = hsum4(a + a2, b + b2, c + c2, d + d2);                                             \
                 memcpy(s + r * bs + t, &sum, sizeof sum);                                                   \
             }                                                                                               \
             for (; t < t1; t++) {                                                                           \
