@@ -40,9 +40,15 @@ def max_err(a, b):
 
 
 def assert_fa_rule(name, ours, ref64, naive, factor=2.0, atol=1e-6):
-    """FlashAttention's rule: max|ours - ref64| <= factor * max|naive_T - ref64| + atol."""
+    """FlashAttention's rule: max|ours - ref64| <= factor * max|naive_T - ref64| + atol * max(1, max|ref64|).
+
+    The floor scales with the reference's magnitude (a few float32 ulps of its largest entry): where the naive
+    error happens to be near zero (one key: softmax exactly 1) a gradient of size 14 summed over 129 rows in
+    a different order is off by ~1e-6 absolute, 0.6 ulp of its size, which is rounding, not a defect."""
     err, base = max_err(ours, ref64), max_err(naive, ref64)
-    assert err <= factor * base + atol, f"{name}: error {err:.3e} > {factor} x naive error {base:.3e} + {atol}"
+    finite = ref64[torch.isfinite(ref64)]
+    floor = atol * max(1.0, finite.abs().max().item() if finite.numel() else 1.0)
+    assert err <= factor * base + floor, f"{name}: error {err:.3e} > {factor} x naive error {base:.3e} + {floor:.1e}"
 
 
 def grads(outputs, inputs, seed=123):

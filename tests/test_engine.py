@@ -107,6 +107,27 @@ def test_n_completions_share_prompt_blocks(model):
     assert_all_free(llm)
 
 
+def test_n_completions_respect_max_num_seqs(model):
+    """Forked children count against max_num_seqs: a request with n = 3 waits until 3 slots are free."""
+    _, folder, _, prompts, refs = model
+    llm = LLM(folder, num_kv_blocks=64, max_num_seqs=4)
+    with pytest.raises(ValueError, match="max_num_seqs"):
+        llm.add_request(prompts[0], GREEDY.replace(n=5))
+    sizes, schedule = [], llm.scheduler.schedule
+
+    def watched():
+        out = schedule()
+        sizes.append(len(llm.scheduler.running) + sum(s.params.n - 1 for s, _ in out if not s.forked))
+        return out
+
+    llm.scheduler.schedule = watched
+    outs = llm.generate(prompts[:3], GREEDY.replace(n=3))
+    assert max(sizes) <= 4  # without the check, 6 (two requests admitted with one free slot)
+    for o, ref in zip(outs, refs[:3]):
+        assert [c.token_ids for c in o.outputs] == [ref] * 3
+    assert_all_free(llm)
+
+
 def test_seeded_sampling_reproducible():
     llm = LLM("tiny-llama", num_kv_blocks=64)
     p = SamplingParams(temperature=0.9, top_k=50, top_p=0.9, seed=123, max_tokens=10, ignore_eos=True)

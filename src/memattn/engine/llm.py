@@ -131,6 +131,8 @@ class LLM:
             params = SamplingParams(**params)
         elif not isinstance(params, SamplingParams):
             raise TypeError(f"sampling params must be SamplingParams or a dict, got {type(params).__name__}")
+        if params.n > self.config.max_num_seqs:
+            raise ValueError(f"n = {params.n} completions exceed max_num_seqs = {self.config.max_num_seqs}")
         ids = self._tokens(prompt)
         longest = min(len(ids) + params.max_tokens, self.max_model_len)
         need = -(-longest // self.blocks.block_size)

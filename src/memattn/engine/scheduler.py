@@ -56,6 +56,11 @@ class Sequence:
         return self.finish_reason is not None
 
 
+def _width(seq: Sequence) -> int:
+    """Running sequences `seq` stands for: a request with n > 1 becomes n once its prompt is done (fork)."""
+    return 1 if seq.forked else seq.params.n
+
+
 class Scheduler:
     def __init__(self, config: EngineConfig, blocks: BlockManager, cache: PagedKVCache):
         self.config, self.blocks, self.cache = config, blocks, cache
@@ -135,7 +140,8 @@ class Scheduler:
             out.append((seq, n))
             budget -= n
             i += 1
-        while self.swapped and budget > 0 and len(self.running) < self.config.max_num_seqs and not preempted:
+        while (self.swapped and budget > 0 and not preempted
+               and sum(_width(s) for s in self.running) + _width(self.swapped[0]) <= self.config.max_num_seqs):
             seq = self.swapped[0]
             if not self._swap_in(seq):
                 break
@@ -146,11 +152,12 @@ class Scheduler:
             n = min(seq.num_tokens - seq.num_computed, budget)
             out.append((seq, n))
             budget -= n
-        while (self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs and not preempted
-               and not self.swapped):
+        occupied = sum(_width(s) for s in self.running)
+        while self.waiting and budget > 0 and not preempted and not self.swapped:
             seq = self.waiting[0]
-            if not self.blocks.can_allocate(seq.token_ids):
+            if occupied + _width(seq) > self.config.max_num_seqs or not self.blocks.can_allocate(seq.token_ids):
                 break
+            occupied += _width(seq)
             self.waiting.popleft()
             seq.num_computed = self.blocks.allocate(seq.seq_id, seq.token_ids)
             self.running.append(seq)
