@@ -278,12 +278,14 @@ def test_decode_pool_virtual_blocks(vb, window, pool_calls, monkeypatch):
 @pytest.mark.parametrize("d", [64, 80, 128])
 @pytest.mark.parametrize("h,hkv", [(8, 1), (4, 4), (6, 2)])
 def test_decode_native(bs, d, h, hkv, native_calls):
-    """The C kernel on random repeating tables: contexts of 1, exact block multiples, ragged; shared blocks."""
+    """The C kernel on random repeating tables: contexts of 1, exact block multiples, ragged; shared blocks;
+    float32, bfloat16 and float16 caches."""
     _seed()
     _check(*_problem([1, bs, 3 * bs, 2 * bs + 5, 97], [1], bs, h, hkv, d, packed=False))
     q, kc, vc, table, seqlens = _shared_problem([1, bs, 3 * bs, 97, 4 * bs], bs, h, hkv, d)
-    _check(q, kc, vc, table, seqlens, None)
-    assert len(native_calls) == 2
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        _check(q, kc, vc, table, seqlens, None, dtype=dtype)
+    assert len(native_calls) == 4
 
 
 @pytest.mark.parametrize("options", [
@@ -320,16 +322,19 @@ def test_decode_native_splits(threads, window, native_calls, monkeypatch):
 
 
 def test_decode_native_fallbacks(native_calls, monkeypatch):
-    """bfloat16 (and float64, checked inside _check) use the pool schedule; MEMATTN_NATIVE=0 turns the kernel off."""
+    """float64 uses the pool schedule (each _check also runs float64: one native call per check, not two);
+    odd head dims take the kernel's generic passes; MEMATTN_NATIVE=0 turns the kernel off."""
     _seed()
     problem = _problem([1, 9, 20], [1], 8, 2, 1, 520, packed=False)
     _check(*problem, dtype=torch.bfloat16)
-    assert not native_calls
-    _check(*problem)
     assert len(native_calls) == 1
+    _check(*_problem([1, 9, 40], [1], 8, 2, 1, 36, packed=False), dtype=torch.float16)
+    assert len(native_calls) == 2
+    _check(*problem)
+    assert len(native_calls) == 3
     monkeypatch.setenv("MEMATTN_NATIVE", "0")
     monkeypatch.setattr(native, "_tried", False)
     monkeypatch.setattr(native, "_lib", None)
     assert not native.available()
     _check(*problem)
-    assert len(native_calls) == 1
+    assert len(native_calls) == 3

@@ -1,6 +1,6 @@
 """Small C kernels built on first use with the system C compiler and called through ctypes.
 
-Why C and not a torch extension: the one kernel here (``csrc/paged_decode.c``, float32 paged decode)
+Why C and not a torch extension: the one kernel here (``csrc/paged_decode.c``, paged decode)
 needs no torch or Python headers, so it builds in about a second with ``cc`` and loads with ctypes; a
 torch C++ extension would need ninja and a minute of compiling against torch's headers.
 
@@ -24,7 +24,8 @@ from pathlib import Path
 
 _SRC = Path(__file__).with_name("csrc") / "paged_decode.c"
 # -ffp-contract=fast: fused multiply-adds (one rounding instead of two)
-_FLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp-simd", "-fPIC", "-shared", "-pthread", "-std=c11", "-lm"]
+_FLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp-simd", "-fPIC", "-shared", "-pthread", "-std=c11",
+          "-lm"]
 _lib = None
 _tried = False
 
@@ -87,9 +88,9 @@ def library():
         warnings.warn(f"memattn: building the native paged decode kernel failed ({detail.strip()[:500]}); "
                       "using the pure-torch path", RuntimeWarning)
         return None
-    f = lib.paged_decode_f32
-    p, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
-    f.argtypes = [p, p, p, p, i64, p, p, i64, i64, i64, i64, i64, f32, f32, p, i64, i64, p, p, ctypes.c_int]
+    f = lib.paged_decode
+    p, i64, f32, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
+    f.argtypes = [i32, p, p, p, p, i64, p, p, i64, i64, i64, i64, i64, f32, f32, p, i64, i64, p, p, i32]
     f.restype = ctypes.c_int
     _lib = lib
     return _lib

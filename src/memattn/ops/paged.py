@@ -8,7 +8,9 @@ their log-sum-exp (``merge_attention``).
 
 Two schedules:
 
-- decode (every sequence has one query), on CPU without ALiBi/softcap: zero-copy, one fused-kernel call
+- decode (every sequence has one query) on the CPU: the native C kernel (``paged_native``: float32,
+  bfloat16, float16 caches read in place through the table), or where it cannot be built, without
+  ALiBi/softcap: zero-copy, one fused-kernel call
   over the block pool itself and a per-sequence log-sum-exp merge (``paged_decode``, see there).
 - decode otherwise (the gather schedule): all sequences advance together, ``C`` blocks per step.
   One ``index_select`` per step copies B x C blocks of keys (and of values) into a preallocated
@@ -193,8 +195,8 @@ def _merge_all(outs, lses):
 def _decode(q, key_cache, value_cache, block_table, ctx_lens, spec, tiles):
     """One query per sequence: q (B, 1, H, D); returns out (B, 1, H, D), lse (B, H, 1) in the compute dtype.
 
-    The native C kernel (``paged_native``) for float32 on the CPU, else the zero-copy pool schedule
-    (``paged_decode``) where the fused CPU kernel applies, else ``_decode_gather``."""
+    The native C kernel (``paged_native``) for float32 / bfloat16 / float16 on the CPU, else the zero-copy
+    pool schedule (``paged_decode``) where the fused CPU kernel applies, else ``_decode_gather``."""
     if paged_native.applies(q, key_cache, spec):
         return paged_native.decode(q, key_cache, value_cache, block_table, ctx_lens, spec)
     if paged_decode.applies(tiles, spec):

@@ -1,13 +1,16 @@
-"""Paged decode through the native C kernel (``kernels/csrc/paged_decode.c``): float32 on the CPU.
+"""Paged decode through the native C kernel (``kernels/csrc/paged_decode.c``): float32, bfloat16 or float16
+caches on the CPU, float32 arithmetic.
 
 One pass over the visible KV bytes, read in place through the block table: no gather copy (the
 gather schedule's extra pass) and no per-tile call overhead (the fused aten kernel costs a few
 microseconds per (block, head), which dominates 16-token blocks in ``paged_decode``). Each sequence keeps
 all its heads' accumulators in L1 while it walks its blocks, reading each block's keys (all kv heads, one
-contiguous run) front to back once, so GQA reads every key once. Long contexts are split into runs of blocks processed by different threads
-and merged by log-sum-exp (flash-decoding), so a batch of one still uses every core.
+contiguous run) front to back once, so GQA reads every key once. Long contexts are split into runs of
+blocks processed by different threads and merged by log-sum-exp (flash-decoding), so a batch of one still
+uses every core. Half-precision caches are widened to float32 as they are read (half the bytes to stream).
 
-Covers causal/non-causal, sliding windows, ALiBi and softcap. Other dtypes and devices use ``paged_decode`` / the gather schedule.
+Covers causal/non-causal, sliding windows, ALiBi and softcap. float64 and other devices use
+``paged_decode`` / the gather schedule.
 """
 from __future__ import annotations
 
@@ -21,10 +24,14 @@ MIN_SPLIT_TOKENS = 256
 ITEMS_PER_THREAD = 4
 
 
+# The cache element types the kernel reads (its dtype code); arithmetic is float32 for all of them.
+DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
 def applies(q, key_cache, spec) -> bool:
-    """Whether ``decode`` handles this call: float32 CPU tensors, and the kernel could be built here."""
-    return (q.dtype == torch.float32 and q.device.type == "cpu" and key_cache.device.type == "cpu"
-            and native.available())
+    """Whether ``decode`` handles this call: float32 / bfloat16 / float16 CPU tensors, the kernel built here."""
+    return (q.dtype in DTYPES and key_cache.dtype == q.dtype and q.device.type == "cpu"
+            and key_cache.device.type == "cpu" and native.available())
 
 
 def _splits(b: int, max_blocks: int, bs: int, threads: int) -> tuple[int, int]:
@@ -37,7 +44,8 @@ def _splits(b: int, max_blocks: int, bs: int, threads: int) -> tuple[int, int]:
 
 
 def decode(q, key_cache, value_cache, block_table, ctx_lens, spec):
-    """q (B, 1, H, D) -> out (B, 1, H, D), lse (B, H, 1), float32; same contract as ``paged_decode.decode``."""
+    """q (B, 1, H, D) -> out (B, 1, H, D), lse (B, H, 1), float32 (the compute dtype of all three cache dtypes);
+    same contract as ``paged_decode.decode``."""
     nblocks, bs, hkv, d = key_cache.shape
     b, _, h, _ = q.shape
     lens = torch.tensor(ctx_lens, dtype=torch.int64)
@@ -46,7 +54,7 @@ def decode(q, key_cache, value_cache, block_table, ctx_lens, spec):
     max_blocks = int(((lens + bs - 1) // bs - starts // bs).max()) if b else 0
     threads = torch.get_num_threads()
     nsplit, per = _splits(b, max_blocks, bs, threads)
-    qc = q.reshape(b, h, d).contiguous()
+    qc = q.reshape(b, h, d).to(torch.float32).contiguous()
     kc, vc = key_cache.contiguous(), value_cache.contiguous()  # views of a pool are already contiguous
     table = block_table.to(torch.int32).contiguous()
     slopes = spec.alibi_slopes
@@ -54,8 +62,9 @@ def decode(q, key_cache, value_cache, block_table, ctx_lens, spec):
         slopes = slopes.to(torch.float32).expand(b, h).contiguous()
     out = torch.empty((b, h, d), dtype=torch.float32)
     lse = torch.empty((b, h), dtype=torch.float32)
-    rc = native.library().paged_decode_f32(
-        qc.data_ptr(), kc.data_ptr(), vc.data_ptr(), table.data_ptr(), table.shape[1], lens.data_ptr(),
+    rc = native.library().paged_decode(
+        DTYPES[key_cache.dtype], qc.data_ptr(), kc.data_ptr(), vc.data_ptr(), table.data_ptr(), table.shape[1],
+        lens.data_ptr(),
         starts.data_ptr(), b, h, hkv, d, bs, spec.scale, float(spec.softcap or 0.0),
         slopes.data_ptr() if slopes is not None else None, nsplit, per, out.data_ptr(), lse.data_ptr(), threads)
     if rc != 0:
