@@ -75,16 +75,17 @@ def copy_gbps(nbytes=512 << 20, repeats=5):
     return nbytes / t / 1e9
 
 
-def decode_case(name, batch, heads, kv_heads, ctx, repeats, block=16, d=64):
+def decode_case(name, batch, heads, kv_heads, ctx, repeats, block=16, d=64, dtype=torch.float32):
     torch.manual_seed(0)
     nb = ctx // block
     num_blocks = batch * nb
     # the pool as memattn's PagedKVCache allocates it (huge pages advised); the values of torch.randn
-    kc = hugepages.zeros((num_blocks, block, kv_heads, d)).copy_(torch.randn(num_blocks, block, kv_heads, d))
-    vc = hugepages.zeros((num_blocks, block, kv_heads, d)).copy_(torch.randn(num_blocks, block, kv_heads, d))
+    shape = (num_blocks, block, kv_heads, d)
+    kc = hugepages.zeros(shape, dtype=dtype).copy_(torch.randn(shape))
+    vc = hugepages.zeros(shape, dtype=dtype).copy_(torch.randn(shape))
     table = torch.randperm(num_blocks).view(batch, nb).to(torch.int32)
     seqlens = torch.full((batch,), ctx, dtype=torch.int32)
-    q = torch.randn(batch, 1, heads, d)
+    q = torch.randn(batch, 1, heads, d).to(dtype)
     idx = table.long()
     k_bhsd = kc[idx].view(batch, ctx, kv_heads, d).transpose(1, 2).contiguous()
     v_bhsd = vc[idx].view(batch, ctx, kv_heads, d).transpose(1, 2).contiguous()
@@ -105,14 +106,14 @@ def decode_case(name, batch, heads, kv_heads, ctx, repeats, block=16, d=64):
         return torch.nn.functional.scaled_dot_product_attention(q_bhsd, k_huge, v_huge, enable_gqa=gqa).transpose(1, 2)
 
     k_bshd, v_bshd = k_bhsd.transpose(1, 2).contiguous(), v_bhsd.transpose(1, 2).contiguous()
-    k_huge = hugepages.zeros(k_bhsd.shape).copy_(k_bhsd)
-    v_huge = hugepages.zeros(v_bhsd.shape).copy_(v_bhsd)
+    k_huge = hugepages.zeros(k_bhsd.shape, dtype=dtype).copy_(k_bhsd)
+    v_huge = hugepages.zeros(v_bhsd.shape, dtype=dtype).copy_(v_bhsd)
     ref = torch.nn.functional.scaled_dot_product_attention(q_bhsd.double(), k_bhsd.double(), v_bhsd.double(),
                                                            enable_gqa=gqa).transpose(1, 2)
     err, base_err = (ours().double() - ref).abs().max().item(), (sdpa().double() - ref).abs().max().item()
     assert err <= 2 * base_err + 1e-6, (err, base_err)
     t_ours, t_base, t_bshd, t_huge = _interleaved([ours, sdpa, sdpa_bshd, sdpa_huge], repeats)
-    kv_bytes = 2 * batch * ctx * kv_heads * d * 4
+    kv_bytes = 2 * batch * ctx * kv_heads * d * kc.element_size()
     return dict(case=name, impl="memattn.paged_attention", baseline="torch.sdpa (contiguous cache)",
                 time_s=t_ours, baseline_time_s=t_base, speedup=t_base / t_ours,
                 peak_mib=_peak_mib(ours), baseline_peak_mib=_peak_mib(sdpa), max_err=err, baseline_max_err=base_err,
@@ -214,6 +215,10 @@ def waste_case(budget_tokens=65536):
 CASES = {
     "decode-32seq-ctx4096-fp32": lambda r: decode_case("decode-32seq-ctx4096-fp32", 32, 8, 8, 4096, r),
     "decode-gqa-32seq-ctx4096-fp32": lambda r: decode_case("decode-gqa-32seq-ctx4096-fp32", 32, 32, 8, 4096, r),
+    "decode-32seq-ctx4096-bf16": lambda r: decode_case("decode-32seq-ctx4096-bf16", 32, 8, 8, 4096, r,
+                                                       dtype=torch.bfloat16),
+    "decode-gqa-32seq-ctx4096-bf16": lambda r: decode_case("decode-gqa-32seq-ctx4096-bf16", 32, 32, 8, 4096, r,
+                                                           dtype=torch.bfloat16),
     "waste-1000req": lambda r: waste_case(),
 }
 
