@@ -63,7 +63,10 @@ def check_all_paths(paths, b, sq, sk, h, hkv, d, dtype, seed, causal=False, kpm=
             if with_grads:
                 for name, g, rg, ng in zip("qkv", grads([out, lse], (q, k, v)), ref_g, nai_g):
                     assert torch.isfinite(g).all(), f"{path}: d{name} not finite"
-                    assert_fa_rule(f"{path} d{name}", g, rg, ng, factor=3.0)
+                    # floor 1e-5 x magnitude (torch's float32 atol): with one or two visible keys the naive
+                    # softmax backward is almost exact while FA-2's delta = rowsum(dO * O) rounds differently
+                    # (seen: 2.4e-6 on |dq| = 1.3, every path alike), which is rounding, not a defect
+                    assert_fa_rule(f"{path} d{name}", g, rg, ng, factor=3.0, atol=1e-5)
         except AssertionError as e:
             failures.append(str(e))
     assert not failures, "\n".join(failures)
