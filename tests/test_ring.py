@@ -3,8 +3,9 @@
 Each spawn shares one process group across many cases (start-up dominates the cost). Every rank
 compares its shard of out, lse, dq, dk, dv with attention on the full inputs (broadcast from
 rank 0) under FlashAttention's rule (conftest.assert_fa_rule): max|ours - ref64| <= 2 * max|naive32 - ref64|
-+ floor, factor 3 for gradients (floor 1e-6, gradients 1e-5, times max(1, max|ref64|)); float64 runs get a tight absolute bound. Workers report through files, so a
-failing or hanging rank shows up as a test failure with its traceback, never as a stuck test.
++ floor, factor 3 for gradients (floor 1e-6, gradients 1e-5, times max(1, max|ref64|)); float64 runs get a
+tight absolute bound. Workers report through files, so a failing or hanging rank shows up as a test failure
+with its traceback, never as a stuck test.
 Each rank uses max(1, 2 // P) threads (the machine has 2 cores).
 """
 from __future__ import annotations
