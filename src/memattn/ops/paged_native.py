@@ -64,8 +64,7 @@ def decode(q, key_cache, value_cache, block_table, ctx_lens, spec):
     lse = torch.empty((b, h), dtype=torch.float32)
     rc = native.library().paged_decode(
         DTYPES[key_cache.dtype], qc.data_ptr(), kc.data_ptr(), vc.data_ptr(), table.data_ptr(), table.shape[1],
-        lens.data_ptr(),
-        starts.data_ptr(), b, h, hkv, d, bs, spec.scale, float(spec.softcap or 0.0),
+        lens.data_ptr(), starts.data_ptr(), b, h, hkv, d, bs, spec.scale, float(spec.softcap or 0.0),
         slopes.data_ptr() if slopes is not None else None, nsplit, per, out.data_ptr(), lse.data_ptr(), threads)
     if rc != 0:
         raise RuntimeError(f"native paged decode failed (code {rc}: {'sizes' if rc == 1 else 'out of memory'})")
