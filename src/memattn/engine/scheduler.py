@@ -140,22 +140,23 @@ class Scheduler:
             out.append((seq, n))
             budget -= n
             i += 1
-        while (self.swapped and budget > 0 and not preempted
-               and sum(_width(s) for s in self.running) + _width(self.swapped[0]) <= self.config.max_num_seqs):
+        occupied = sum(_width(s) for s in self.running)  # running sequences, forks to come counted
+        limit = self.config.max_num_seqs
+        while self.swapped and budget > 0 and not preempted and occupied + _width(self.swapped[0]) <= limit:
             seq = self.swapped[0]
             if not self._swap_in(seq):
                 break
             self.swapped.popleft()
             self.running.append(seq)
+            occupied += _width(seq)
             if not self._grow(seq):
                 break
             n = min(seq.num_tokens - seq.num_computed, budget)
             out.append((seq, n))
             budget -= n
-        occupied = sum(_width(s) for s in self.running)
         while self.waiting and budget > 0 and not preempted and not self.swapped:
             seq = self.waiting[0]
-            if occupied + _width(seq) > self.config.max_num_seqs or not self.blocks.can_allocate(seq.token_ids):
+            if occupied + _width(seq) > limit or not self.blocks.can_allocate(seq.token_ids):
                 break
             occupied += _width(seq)
             self.waiting.popleft()
