@@ -83,7 +83,7 @@ def check_correctness(device):
     """Small shapes against float64 attention: dense, causal, window, GQA, varlen-free; paged decode."""
     import memattn
     from memattn import reference
-    from memattn.ops.dispatch import build_spec
+    from memattn.ops.spec import build_spec
     worst = 0.0
     g = torch.Generator(device="cpu").manual_seed(0)
     for causal, window, dtype in ((False, (-1, -1), torch.bfloat16), (True, (-1, -1), torch.float16),
@@ -92,7 +92,7 @@ def check_correctness(device):
         k, v = torch.randn(2, 300, 2, 59, generator=g), torch.randn(2, 300, 2, 59, generator=g)
         qd, kd, vd = (t.to(device, dtype).requires_grad_(True) for t in (q, k, v))
         out = memattn.attention(qd, kd, vd, causal=causal, window_size=window, method="blockwise")
-        spec = build_spec(q, k, causal=causal, softmax_scale=None, key_padding_mask=None, window_size=window)
+        spec = build_spec(q.shape, k.shape[1], causal=causal, softmax_scale=None, key_padding_mask=None, window_size=window)
         mask = None if spec.mask is None else spec.mask.dense(300, 300)
         q64, k64, v64 = (t.to(dtype).double().requires_grad_(True) for t in (q, k, v))
         ref = reference.attention(q64, k64, v64, mask=mask)

@@ -10,7 +10,7 @@ import memattn
 from memattn import reference
 from memattn.masks import causal as causal_mask
 from memattn.ops.blockwise import blockwise_attention
-from memattn.ops.dispatch import build_spec
+from memattn.ops.spec import build_spec
 
 from conftest import assert_fa_rule, grads, max_err, rand_qkv
 
@@ -25,7 +25,7 @@ def run_path(path, q, k, v, *, causal=False, key_padding_mask=None, block=None):
         return memattn.attention(q, k, v, causal=causal, key_padding_mask=key_padding_mask, method=path,
                                  block_size=block, return_lse=True)
     impl = path.split(":")[1]  # "tiles:torch" / "tiles:cpu_flash"
-    spec = build_spec(q, k, causal=causal, softmax_scale=None, key_padding_mask=key_padding_mask)
+    spec = build_spec(q.shape, k.shape[1], causal=causal, softmax_scale=None, key_padding_mask=key_padding_mask)
     bs = block or (67 if q.shape[1] * k.shape[1] < 100_000 else 211)  # deliberately does not divide the lengths
     return blockwise_attention(q, k, v, spec, bs, bs + 10, impl)
 

@@ -4,7 +4,8 @@ import torch
 
 import memattn
 from memattn.cache import BlockManager, PagedKVCache
-from memattn.kernels import native
+from memattn import kernels
+from memattn.kernels import native, paged_native, paged_pool
 from memattn.ops import paged
 from memattn.ops.paged import paged_attention, paged_attention_reference
 
@@ -108,11 +109,10 @@ def test_decode_scratch_is_bounded(monkeypatch):
     _seed()
     q, kc, vc, table, seqlens, cu = _problem([300, 17, 1], [1], 16, 4, 4, 64, packed=False)
     full = paged_attention(q, kc, vc, table, seqlens)
-    monkeypatch.setattr(paged.paged_native, "applies", lambda *a: False)  # the gather schedule has the scratch
-    monkeypatch.setattr(paged.paged_decode, "applies", lambda *a: False)
     monkeypatch.setattr(paged, "DECODE_SCRATCH_BYTES", 1)
     monkeypatch.setattr(paged, "PREFILL_BLOCK_K", 24)
-    steps = paged_attention(q, kc, vc, table, seqlens)
+    with kernels.use_backend(decode="gather"):  # the gather schedule has the scratch
+        steps = paged_attention(q, kc, vc, table, seqlens)
     assert (steps - full).abs().max() <= 1e-12
     q2, kc2, vc2, table2, seqlens2, cu2 = _problem([90, 33], [90, 20], 8, 4, 2, 64, packed=True)
     _check(q2, kc2, vc2, table2, seqlens2, cu2)
@@ -203,14 +203,15 @@ def native_calls(monkeypatch):
     """Counts the native C kernel's calls; skips where no C compiler can build it."""
     if not native.available():
         pytest.skip("the native paged decode kernel could not be built here (no C compiler)")
-    return _spy(monkeypatch, paged.paged_native)
+    return _spy(monkeypatch, paged_native)
 
 
 @pytest.fixture
 def pool_calls(monkeypatch):
-    """Counts the zero-copy pool schedule's calls, with the native kernel off (so float32 runs the pool too)."""
-    monkeypatch.setattr(paged.paged_native, "applies", lambda *a: False)
-    return _spy(monkeypatch, paged.paged_decode)
+    """Counts the zero-copy pool schedule's calls, forced by name (so float32 runs the pool too)."""
+    calls = _spy(monkeypatch, paged_pool)
+    with kernels.use_backend(decode="pool"):
+        yield calls
 
 
 # slack 0: every sharing layer gathered; huge: every layer attended in place over its id range
@@ -218,7 +219,7 @@ def pool_calls(monkeypatch):
                                             (8, 4, 4, 10**9)])
 def test_decode_pool_shared_blocks(bs, h, hkv, slack, pool_calls, monkeypatch):
     _seed()
-    monkeypatch.setattr(paged.paged_decode, "_RANGE_SLACK", slack)
+    monkeypatch.setattr(paged_pool, "_RANGE_SLACK", slack)
     lens = [1, bs, 3 * bs, 2 * bs + 5, 97, 4 * bs]  # context 1, exact multiples of the block, ragged
     q, kc, vc, table, seqlens = _shared_problem(lens, bs, h, hkv, 64)
     _check(q, kc, vc, table, seqlens, None, dtype=torch.bfloat16 if slack == 4 else torch.float32)
@@ -233,20 +234,28 @@ def test_decode_pool_window(window, pool_calls):
     assert pool_calls
 
 
-def test_decode_pool_fallbacks(pool_calls):
-    """ALiBi and softcap stay on the gather schedule (the fused kernel has neither)."""
+def test_decode_pool_fallbacks(monkeypatch):
+    """ALiBi and softcap stay on the gather schedule (the fused kernel has neither); forced, the pool refuses."""
     _seed()
     q, kc, vc, table, seqlens = _shared_problem([1, 16, 50], 16, 4, 2, 64)
-    _check(q, kc, vc, table, seqlens, None, alibi_slopes=torch.rand(4, dtype=torch.float64))
-    _check(q, kc, vc, table, seqlens, None, softcap=2.0)
+    slopes = torch.rand(4, dtype=torch.float64)
+    pool_calls = _spy(monkeypatch, paged_pool)
+    for kw in (dict(alibi_slopes=slopes), dict(softcap=2.0)):  # float64: not the native kernel's either
+        out = paged_attention(q, kc, vc, table, seqlens, **kw)
+        ref = paged_attention_reference(q, kc, vc, table, seqlens, **kw)
+        assert (out - ref).abs().max() <= 1e-10
     assert not pool_calls
+    with kernels.use_backend(decode="pool"):
+        for kw, what in ((dict(alibi_slopes=slopes), "ALiBi"), (dict(softcap=2.0), "softcap")):
+            with pytest.raises(ValueError, match=f"pool decode kernel cannot run.*no {what}"):
+                paged_attention(q, kc, vc, table, seqlens, **kw)
 
 
 def test_segment_merge_empty_sequence():
     """A sequence that no row feeds (no visible key) gets out 0 and lse -inf, never NaN; rows of seq == B drop."""
     o = torch.randn(3, 2, 4, dtype=torch.float64)
     lse = torch.tensor([[0.5, -1.0], [float("-inf"), 2.0], [7.0, 7.0]], dtype=torch.float64)
-    out, out_lse = paged.paged_decode._segment_merge([(o.clone(), lse, torch.tensor([0, 0, 2]))], 2, 2, 4,
+    out, out_lse = paged_pool._segment_merge([(o.clone(), lse, torch.tensor([0, 0, 2]))], 2, 2, 4,
                                                      torch.float64, "cpu")
     assert (out[1] == 0).all() and torch.isneginf(out_lse[1]).all() and not out.isnan().any()
     want_lse = torch.logsumexp(lse[:2], 0)
@@ -261,15 +270,15 @@ def test_decode_pool_virtual_blocks(vb, window, pool_calls, monkeypatch):
     """Runs of consecutive physical blocks (sequential allocation) are attended as one larger tile; some runs
     are misaligned, broken or shared, and the ragged tails stay single blocks."""
     _seed()
-    monkeypatch.setattr(paged.paged_decode, "VIRTUAL_BLOCKS", vb)
+    monkeypatch.setattr(paged_pool, "VIRTUAL_BLOCKS", vb)
     bs, lens = 8, [1, 8 * 8, 8 * 8 + 3, 150, 200]
     q, kc, vc, table, seqlens, _ = _problem(lens, [1], bs, 8, 2, 32, packed=False)
     kc, vc = torch.randn(120, bs, 2, 32, dtype=torch.float64), torch.randn(120, bs, 2, 32, dtype=torch.float64)
     table = torch.stack([torch.arange(table.shape[1]) + off for off in (0, 16, 32, 57, 88)]).to(torch.int32)
     table[2, 1] = 5  # a broken run
     table[4, :vb] = table[1, :vb]  # a shared (aligned) run
-    sizes, real = [], paged.paged_decode._attend_layer
-    monkeypatch.setattr(paged.paged_decode, "_attend_layer", lambda qx, k, *a: sizes.append(k.shape[1]) or real(qx, k, *a))
+    sizes, real = [], paged_pool._attend_layer
+    monkeypatch.setattr(paged_pool, "_attend_layer", lambda qx, k, *a: sizes.append(k.shape[1]) or real(qx, k, *a))
     _check(q, kc, vc, table, seqlens, None, window_size=window)
     assert pool_calls and vb * bs in sizes and bs in sizes
 
@@ -312,9 +321,9 @@ def test_decode_native_splits(threads, window, native_calls, monkeypatch):
     """Long contexts split into runs of blocks on several threads (flash-decoding), merged by log-sum-exp:
     a batch of one, splits that start past a short sequence's end, windows that skip whole splits."""
     _seed()
-    monkeypatch.setattr(paged.paged_native, "MIN_SPLIT_TOKENS", 16)
+    monkeypatch.setattr(paged_native, "MIN_SPLIT_TOKENS", 16)
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
-    assert paged.paged_native._splits(1, 40, 8, threads)[0] == (1 if threads == 1 else min(4 * threads, 20))
+    assert paged_native._splits(1, 40, 8, threads)[0] == (1 if threads == 1 else min(4 * threads, 20))
     for lens in ([317], [317, 3, 40, 1]):
         q, kc, vc, table, seqlens, _ = _problem(lens, [1], 8, 4, 2, 64, packed=False)
         _check(q, kc, vc, table, seqlens, None, window_size=window)

@@ -10,7 +10,7 @@ from memattn import masks, reference
 from memattn.masks import EMPTY, FULL, PARTIAL, edges
 from memattn.memory import measure
 from memattn.ops.blockwise import blockwise_attention
-from memattn.ops.dispatch import build_spec
+from memattn.ops.spec import build_spec
 
 from conftest import assert_fa_rule, grads, max_err, rand_qkv
 
@@ -31,7 +31,7 @@ SQUARE_ONLY = {"document&causal", "mask_mod"}
 
 def check_paths(spec_kwargs, q64, k64, v64, q, k, v, mask_dense, bias_dense, blocks=((29, 41),), impls=("torch", "cpu_flash"),
                 softcap=0.0):
-    spec = build_spec(q, k, **spec_kwargs)
+    spec = build_spec(q.shape, k.shape[1], **spec_kwargs)
     ref_o, ref_l = reference.attention(q64, k64, v64, mask=mask_dense, bias=bias_dense, softcap=softcap,
                                        softmax_scale=spec.scale, return_lse=True)
     nai_o, nai_l = reference.attention(q, k, v, mask=mask_dense, bias=bias_dense, softcap=softcap,
@@ -90,9 +90,9 @@ def test_block_layout_is_sound_and_tight(name):
 
 
 def test_empty_tiles_are_skipped_by_the_schedule():
-    from memattn.ops.blockwise import Problem, plan
+    from memattn.ops.schedule import Problem, plan
     q = torch.zeros(1, 1000, 1, 8)
-    spec = build_spec(q, q, causal=True, softmax_scale=None, key_padding_mask=None, window_size=(99, 0))
+    spec = build_spec(q.shape, q.shape[1], causal=True, softmax_scale=None, key_padding_mask=None, window_size=(99, 0))
     items = plan(spec, [Problem(0, 1000, 0, 1000)], 50, 50, 50)
     keys_per_block = [sum(s.k1 - s.k0 for s in it.segments) for it in items]
     assert max(keys_per_block) <= 150  # window 100 + a 50-row block: never the whole row
@@ -109,7 +109,7 @@ def test_combination_causal_window_alibi_softcap_gqa_padding(dtype, seed):
     for softcap in (0.0, 7.5):
         kw = dict(causal=True, softmax_scale=0.3, key_padding_mask=kpm, window_size=(40, -1), alibi_slopes=slopes,
                   softcap=softcap)
-        spec = build_spec(q, k, **kw)
+        spec = build_spec(q.shape, k.shape[1], **kw)
         dense = spec.mask.dense(sq, sk)
         bias = spec.dense_bias(sq, sk)
         ref_o, ref_l = reference.attention(q64, k64, v64, mask=dense, bias=bias, softcap=softcap, softmax_scale=0.3,
@@ -166,7 +166,7 @@ def test_varlen_against_per_sequence_oracle(causal, window, use_alibi, softcap, 
         parts = []
         for (qq, kk, vv) in ((q64, k64, v64), (q, k, v)):
             qi, ki, vi = qq[qs][None], kk[ks][None], vv[ks][None]
-            spec = build_spec(qi, ki, causal=causal, softmax_scale=None, key_padding_mask=None, window_size=window,
+            spec = build_spec(qi.shape, ki.shape[1], causal=causal, softmax_scale=None, key_padding_mask=None, window_size=window,
                               alibi_slopes=sl, softcap=softcap)
             dense = None if spec.mask is None else spec.mask.dense(lens_q[i], lens_k[i])
             parts.append(reference.attention(qi, ki, vi, mask=dense, bias=spec.dense_bias(lens_q[i], lens_k[i]),
@@ -181,7 +181,7 @@ def test_varlen_against_per_sequence_oracle(causal, window, use_alibi, softcap, 
         sl = None if slopes is None else slopes[i]
         for dst, (qq, kk, vv) in ((ref_parts, (q64, k64, v64)), (nai_parts, (q, k, v))):
             qi, ki, vi = qq[qs][None], kk[ks][None], vv[ks][None]
-            spec = build_spec(qi, ki, causal=causal, softmax_scale=None, key_padding_mask=None, window_size=window,
+            spec = build_spec(qi.shape, ki.shape[1], causal=causal, softmax_scale=None, key_padding_mask=None, window_size=window,
                               alibi_slopes=sl, softcap=softcap)
             dense = None if spec.mask is None else spec.mask.dense(lens_q[i], lens_k[i])
             o, l = reference.attention(qi, ki, vi, mask=dense, bias=spec.dense_bias(lens_q[i], lens_k[i]),

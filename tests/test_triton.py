@@ -19,7 +19,7 @@ import memattn  # noqa: E402
 from memattn import kernels, reference  # noqa: E402
 from memattn.kernels import triton as tk  # noqa: E402
 from memattn.ops.blockwise import blockwise_attention  # noqa: E402
-from memattn.ops.dispatch import build_spec  # noqa: E402
+from memattn.ops.spec import build_spec  # noqa: E402
 from memattn.ops.paged import _prepare, paged_attention_reference  # noqa: E402
 
 from conftest import assert_fa_rule  # noqa: E402
@@ -123,7 +123,7 @@ def test_blockwise_schedule_drives_triton_tiles(device, seed):
     """End to end: the unchanged blockwise schedule (window layout: empty, full, causal-diagonal and
     masked tiles; bands; merges) with the Triton tile, forward and backward through lse."""
     (q64, k64, v64), (qn, kn, vn), (q, k, v) = _inputs(seed, 1, 45, 45, 4, 2, 40, torch.float32, device)
-    spec = build_spec(q, k, causal=True, softmax_scale=None, key_padding_mask=None, window_size=(20, 0))
+    spec = build_spec(q.shape, k.shape[1], causal=True, softmax_scale=None, key_padding_mask=None, window_size=(20, 0))
     dense = spec.mask.dense(45, 45)
     out, lse = blockwise_attention(q, k, v, spec, 16, 16, impl="triton")
     ref = reference.attention(q64, k64, v64, mask=dense, return_lse=True)
@@ -136,9 +136,10 @@ def test_blockwise_schedule_drives_triton_tiles(device, seed):
 
 
 @pytest.fixture
-def force_triton(monkeypatch):
-    """Route every public entry point to the Triton tiles, as CUDA tensors are routed."""
-    monkeypatch.setattr(kernels, "select", lambda q, softcap=0.0, impl=None: kernels.triton_tiles())
+def force_triton():
+    """Route every public entry point to the Triton tiles and decode kernel, as CUDA tensors are routed."""
+    with kernels.use_backend("triton", decode="triton"):
+        yield
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -157,7 +158,7 @@ def test_varlen_with_triton_tiles(device, seed, force_triton):
             continue
         s = slice(int(cu[i]), int(cu[i + 1]))
         qi, ki, vi = q[s][None], k[s][None], v[s][None]
-        spec = build_spec(qi, ki, causal=True, softmax_scale=None, key_padding_mask=None, alibi_slopes=slopes)
+        spec = build_spec(qi.shape, ki.shape[1], causal=True, softmax_scale=None, key_padding_mask=None, alibi_slopes=slopes)
         args = dict(mask=spec.mask.dense(n, n), bias=spec.dense_bias(n, n))
         ref = reference.attention(qi.double(), ki.double(), vi.double(), **args)
         assert_fa_rule(f"seq {i}", out[s].cpu()[None], ref, reference.attention(qi, ki, vi, **args))
@@ -210,11 +211,22 @@ def test_paged_attention_public_api_with_triton(device, seed, force_triton):
 def test_selection_rules():
     q = torch.randn(1, 4, 2, 16)
     assert kernels.select(q, impl="triton") is kernels.triton_tiles() or not tk.interpreting()
-    with pytest.raises(ValueError, match="unknown tile implementation"):
+    with pytest.raises(ValueError, match="unknown tile backend"):
         kernels.select(q, impl="cuda")
     if tk.interpreting():
-        with pytest.raises(ValueError, match="triton tile needs CUDA tensors"):
+        with pytest.raises(ValueError, match="triton tile backend cannot run .*dtype torch.float64"):
             kernels.select(q.double(), impl="triton")
+    with pytest.raises(ValueError, match="cpu_flash tile backend cannot run .*no softcap"):
+        kernels.choose(q, softcap=2.0, impl="cpu_flash")
+    with kernels.use_backend("torch"):
+        assert kernels.choose(q).name == "torch"
+        with kernels.use_backend("cpu_flash"):
+            assert kernels.choose(q).name == "cpu_flash"
+        assert kernels.choose(q).name == "torch"
+    # the backward with an lse gradient cannot run on the fused CPU tile: the records say why
+    assert kernels.choose(q, dlse=True).name == "torch"
+    with pytest.raises(ValueError, match="no tile backend fits.*triton: .*; cpu_flash: no sink logits; torch: no sink"):
+        kernels.choose(q, sinks=True)
     # CPU tensors keep today's paths unless asked
     assert kernels.select(q) is kernels.cpu_flash
     assert kernels.select(q, softcap=2.0) is kernels.torch_tiles

@@ -86,7 +86,7 @@ def check_key_padding_mask(mask, batch: int, seqlen_k: int, device) -> None:
     if tuple(mask.shape) != (batch, seqlen_k):
         raise ValueError(
             f"key_padding_mask must have shape (batch, seqlen_k) = ({batch}, {seqlen_k}), got {tuple(mask.shape)}")
-    if mask.device != device:
+    if device is not None and mask.device != device:
         raise ValueError(f"key_padding_mask is on {mask.device} but q is on {device}")
 
 

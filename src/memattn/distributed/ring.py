@@ -32,8 +32,8 @@ import torch
 from .. import kernels
 from .._validate import check_dense_qkv, resolve_scale
 from ..masks import causal as causal_mask
-from ..ops.blockwise import Problem, blockwise_backward, blockwise_forward
-from ..ops.dispatch import DEFAULT_BLOCK
+from ..ops.blockwise import blockwise_backward, blockwise_forward
+from ..ops.schedule import Problem
 from ..ops.spec import AttentionSpec
 from .comm import RingComm, RingError, agree, all_gather, dtype_code, group_info
 
@@ -170,13 +170,16 @@ RING_FORWARD_PIECE, RING_FORWARD_PIECES = 2048, 4
 RING_FORWARD_BLOCK_Q = 4096
 
 
-def _tile_blocks(tiles, length: int) -> tuple[int, int]:
+def _tile_blocks(backend, length: int) -> tuple[int, int]:
     """(forward block, backward block), square so a causal diagonal stays one kernel-causal tile.
-    The torch tile materialises scores, so it keeps its small default; the fused tile's backward
-    temporaries grow with the tile, so it keeps the 1024 of single-process attention."""
-    if tiles is not kernels.cpu_flash:
-        return DEFAULT_BLOCK["torch"], DEFAULT_BLOCK["torch"]
-    return max(DEFAULT_BLOCK["cpu_flash"], min(RING_FORWARD_BLOCK_Q, length // 4)), DEFAULT_BLOCK["cpu_flash"]
+    Both start from the backend's default block (the torch tile materialises scores, so its default
+    is small). A backend whose cost is per call (``large_tiles``: the fused CPU kernel) takes larger
+    forward query blocks; its backward temporaries grow with the tile, so the backward keeps the
+    default of single-process attention."""
+    block = backend.default_block
+    if not backend.large_tiles:
+        return block, block
+    return max(block, min(RING_FORWARD_BLOCK_Q, length // 4)), block
 
 
 def _whole(q, k):
@@ -199,15 +202,15 @@ def _ring_forward(q, k, v, ring: _Ring):
     cd = kernels.compute_dtype(q.dtype)
     out = torch.zeros(b, lq, h, d, dtype=cd, device=q.device)
     lse = torch.full((b, h, lq), float("-inf"), dtype=cd, device=q.device)
-    tiles = kernels.select(q)
-    block_q, _ = _tile_blocks(tiles, lq)
+    backend = kernels.choose(q)
+    block_q, _ = _tile_blocks(backend, lq)
     edges, plan = ring.plan(k.shape[1], RING_FORWARD_PIECE, RING_FORWARD_PIECES)
     for c, (a, e) in enumerate(edges):
         own = (_own_piece(k, a, e), _own_piece(v, a, e))
         for _, src, (kc, vc) in ring.comm.rotate(own, _KV_TAG, f"ring attention forward: K/V piece {c}"):
             for qs, ks, spec in plan[src, c]:
                 blockwise_forward(q[:, qs], kc[:, ks], vc[:, ks], spec, _whole(q[:, qs], kc[:, ks]), block_q,
-                                  block_q, tiles, into=(out[:, qs], lse[:, :, qs]))
+                                  block_q, backend, into=(out[:, qs], lse[:, :, qs]))
     return out, lse
 
 
@@ -224,8 +227,10 @@ def _ring_backward(dout, q, k, v, out, lse, dlse, ring: _Ring):
     """
     comm, world = ring.comm, ring.comm.world
     cd = kernels.compute_dtype(q.dtype)
-    tiles = kernels.select(q)
-    _, block = _tile_blocks(tiles if dlse is None else kernels.torch_tiles, q.shape[1])  # dlse: torch tile
+    backend = kernels.choose(q)
+    if dlse is not None and not backend.dlse:  # the backward hands the call to one that takes dlse
+        backend = kernels.choose(q, dlse=True, honour_forced=False)
+    _, block = _tile_blocks(backend, q.shape[1])
     edges, plan = ring.plan(k.shape[1], RING_PIECE, RING_PIECES)
     dq = torch.zeros(q.shape, dtype=cd, device=q.device)
     dk = torch.empty(k.shape, dtype=cd, device=k.device)
@@ -255,7 +260,7 @@ def _ring_backward(dout, q, k, v, out, lse, dlse, ring: _Ring):
             for qs, ks, spec in plan[src, c]:
                 blockwise_backward(dout[:, qs], q[:, qs], kv[0][:, ks], kv[1][:, ks], out[:, qs], lse[:, :, qs],
                                    None if dlse is None else dlse[:, :, qs], spec, _whole(q[:, qs], kv[0][:, ks]),
-                                   block, block, tiles, into=(dq[:, qs], grads[0][:, ks], grads[1][:, ks]))
+                                   block, block, backend, into=(dq[:, qs], grads[0][:, ks], grads[1][:, ks]))
             if world == 1:
                 continue
             received = list(pending.wait())

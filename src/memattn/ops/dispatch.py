@@ -4,73 +4,17 @@ from __future__ import annotations
 import torch
 
 from .. import kernels
-from .._validate import (check_dense_qkv, check_key_padding_mask, check_positive_int, check_window,
-                         resolve_scale)
-from ..masks import DenseMask, KeyPaddingMask, Mask, WindowMask, combine
+from .._validate import check_dense_qkv, check_positive_int
+from ..masks import WindowMask
 from .blockwise import blockwise_attention
-from .spec import AttentionSpec
+from .spec import AttentionSpec, build_spec, default_block
 from .standard import checkpointed_attention, standard_attention
 
 METHODS = ("auto", "standard", "checkpoint", "blockwise")
 
-# Tile edges. The fused CPU and Triton kernels tile internally, so their blocks only bound our
-# merge temporaries and set the mask granularity; the torch tile materialises a block_q x block_k
-# score tile per head, so it stays small.
-DEFAULT_BLOCK = {"cpu_flash": 1024, "torch": 256, "triton": 1024}
-FUSED_TILES = ("cpu_flash", "triton")
+# Query block of "auto" on a fused backend for dense or causal calls: one block up to this many
+# rows, so the fused kernel runs its own loop (our blocks only bound merge temporaries).
 AUTO_BLOCK_Q = 4096
-
-
-def build_spec(q, k, *, causal, softmax_scale, key_padding_mask, window_size=(-1, -1), alibi_slopes=None,
-               softcap=0.0, mask=None, num_sequences=None) -> AttentionSpec:
-    """Validate the masking arguments and fold them into one AttentionSpec.
-    num_sequences: the batch that (batch, heads) ALiBi slopes index (packed input: the sequence count)."""
-    b, sq, h, d = q.shape
-    nb = b if num_sequences is None else num_sequences
-    sk = k.shape[1]
-    scale = resolve_scale(softmax_scale, d)
-    if not isinstance(causal, bool):
-        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
-    check_key_padding_mask(key_padding_mask, b, sk, q.device)
-    left, right = check_window(window_size)
-    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or softcap < 0:
-        raise ValueError(f"softcap must be a float >= 0 (0 = off), got {softcap!r}")
-    if causal:
-        right = 0 if right < 0 else min(right, 0)
-    structural = None if (left, right) == (-1, -1) else WindowMask(left, right)
-    if alibi_slopes is not None:
-        if not isinstance(alibi_slopes, torch.Tensor):
-            raise TypeError(f"alibi_slopes must be a tensor, got {type(alibi_slopes).__name__}")
-        if tuple(alibi_slopes.shape) not in ((h,), (nb, h)):
-            raise ValueError(
-                f"alibi_slopes must have shape (heads,) = ({h},) or (batch, heads) = ({nb}, {h}), "
-                f"got {tuple(alibi_slopes.shape)}")
-        if not alibi_slopes.is_floating_point():
-            raise TypeError(f"alibi_slopes must be float, got {alibi_slopes.dtype}")
-    extra = None
-    if mask is not None:
-        if isinstance(mask, Mask):
-            extra = mask
-        elif isinstance(mask, torch.Tensor):
-            extra = DenseMask(mask, batch=b, heads=h, seqlen_q=sq, seqlen_k=sk)
-        else:
-            raise TypeError(f"mask must be a memattn mask object or a bool tensor, got {type(mask).__name__}")
-    kpm = KeyPaddingMask(key_padding_mask) if key_padding_mask is not None else None
-    return AttentionSpec(scale=scale, mask=combine(structural, extra, kpm), softcap=float(softcap),
-                         alibi_slopes=alibi_slopes)
-
-
-def default_block(spec: AttentionSpec, tiles) -> int:
-    """Tile edge when the caller gives none: a block-sparse layout's own block; for a sliding
-    window about 1/8 of its width (so edge tiles waste little), else the implementation's default."""
-    mask = spec.mask
-    if mask is not None and mask.preferred_block:
-        return mask.preferred_block
-    if mask is not None and mask.max_keys_per_row is not None:
-        if kernels.name_of(tiles) == "triton":  # fewer, larger launches: about half the window
-            return max(128, min(1024, 1 << max(0, (mask.max_keys_per_row // 2).bit_length() - 1)))
-        return max(32, min(256, 1 << max(0, (mask.max_keys_per_row // 8).bit_length() - 1)))
-    return DEFAULT_BLOCK[kernels.name_of(tiles)]
 
 
 def _sdpa_applies(q, k, spec: AttentionSpec) -> bool:
@@ -101,17 +45,17 @@ def run_method(q, k, v, spec: AttentionSpec, method: str, block_size: int | None
         return standard_attention(q, k, v, spec, return_lse)
     if method == "checkpoint":
         return checkpointed_attention(q, k, v, spec, return_lse)
-    tiles = kernels.select(q, softcap=spec.softcap)
-    default = default_block(spec, tiles)
+    backend = kernels.choose(q, softcap=spec.softcap)
+    default = default_block(spec, backend)
     block_k = block_size or default
     dense_or_causal = spec.mask is None or (isinstance(spec.mask, WindowMask) and spec.mask.left < 0)
     if method == "auto" and not return_lse and _sdpa_applies(q, k, spec):
         return _sdpa_cuda(q, k, v, spec), None
-    if method == "auto" and block_size is None and kernels.name_of(tiles) in FUSED_TILES and dense_or_causal:
+    if method == "auto" and block_size is None and backend.fused and dense_or_causal:
         # One query block up to AUTO_BLOCK_Q rows: the fused kernel then runs its own loop.
         block = min(max(q.shape[1], k.shape[1]), AUTO_BLOCK_Q)
-        return blockwise_attention(q, k, v, spec, block, block)
-    return blockwise_attention(q, k, v, spec, block_size or default, block_k)
+        return blockwise_attention(q, k, v, spec, block, block, impl=backend)
+    return blockwise_attention(q, k, v, spec, block_size or default, block_k, impl=backend)
 
 
 def attention(q, k, v, *, causal=False, softmax_scale=None, key_padding_mask=None, window_size=(-1, -1),
@@ -136,7 +80,10 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, key_padding_mask=Non
         mask: a ``memattn.masks`` object or a bool tensor broadcastable to (batch, heads, Sq, Sk).
         method: "standard" (materialised scores), "checkpoint" (standard, recomputed in backward),
             "blockwise" (tiled online softmax, O(S) memory), "auto" (fastest exact path).
-        block_size: tile edge for "blockwise" (default 1024 with the fused CPU tile, 256 otherwise).
+        block_size: tile edge for "blockwise" and "auto" (default: the tile backend's, ``kernels.Backend.default_block``:
+            1024 for the fused CPU and Triton tiles, 256 for the torch tile; under a sliding window a fraction of
+            its width; a block-sparse layout's own block). "auto" on a fused backend runs dense and causal calls
+            in query blocks of up to 4096 rows.
         return_lse: also return lse (batch, heads, seqlen_q), float32 (float64 for float64 input),
             differentiable.
     Returns:
@@ -144,7 +91,7 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, key_padding_mask=Non
         give out 0 and lse -inf.
     """
     check_dense_qkv(q, k, v)
-    spec = build_spec(q, k, causal=causal, softmax_scale=softmax_scale, key_padding_mask=key_padding_mask,
+    spec = build_spec(q.shape, k.shape[1], device=q.device, causal=causal, softmax_scale=softmax_scale, key_padding_mask=key_padding_mask,
                       window_size=window_size, alibi_slopes=alibi_slopes, softcap=softcap, mask=mask)
     out, lse = run_method(q, k, v, spec, method, block_size, return_lse)
     return (out, lse) if return_lse else out

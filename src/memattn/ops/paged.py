@@ -31,11 +31,9 @@ import torch
 
 from .. import kernels, reference
 from .._validate import FLOAT_DTYPES
-from .blockwise import Problem, _tile_args, plan
-from .dispatch import build_spec
-from . import paged_decode, paged_native
 from .merge import merge_attention
-from .spec import AttentionSpec
+from .schedule import Problem, forward
+from .spec import AttentionSpec, build_spec
 
 # Key (and value) scratch per decode step, and the key segment of the prefill schedule.
 DECODE_SCRATCH_BYTES = 8 << 20
@@ -127,8 +125,7 @@ def _prepare(q, key_cache, value_cache, block_table, cache_seqlens, cu_seqlens_q
     if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= num_blocks):
         bad = ids[(ids < 0) | (ids >= num_blocks)][0]
         raise ValueError(f"block_table holds block id {int(bad)} out of range [0, {num_blocks})")
-    meta = torch.empty((batch, 1, h, d), device="meta")
-    spec = build_spec(meta, meta, causal=causal, softmax_scale=softmax_scale, key_padding_mask=None,
+    spec = build_spec((batch, 1, h, d), 1, causal=causal, softmax_scale=softmax_scale, key_padding_mask=None,
                       window_size=window_size, alibi_slopes=alibi_slopes, softcap=softcap)
     starts = [0]
     for lq in q_lens[:-1]:
@@ -154,32 +151,25 @@ def _finish(batch: _Batch, out, lse, return_lse):
     return (out, lse) if return_lse else out
 
 
-def _gather_tokens(cache, table_row, k0, k1):
-    """Keys [k0, k1) of one sequence as (1, k1 - k0, Hkv, D): whole blocks gathered, then sliced (a view)."""
-    bs = cache.shape[1]
-    b0, b1 = k0 // bs, (k1 - 1) // bs + 1
-    blocks = cache.index_select(0, table_row[b0:b1])
-    return blocks.flatten(0, 1)[k0 - b0 * bs:k1 - b0 * bs].unsqueeze(0)
+class _GatherKeys:
+    """The key source of one sequence's prefill: keys [k0, k1) gathered through its block-table row,
+    whole blocks gathered then sliced (one copy of at most PREFILL_BLOCK_K tokens plus a block)."""
+
+    def __init__(self, key_cache, value_cache, table_row):
+        self.caches, self.table_row = (key_cache, value_cache), table_row
+
+    def __call__(self, k0: int, k1: int):
+        bs = self.caches[0].shape[1]
+        b0, b1 = k0 // bs, (k1 - 1) // bs + 1
+        ids = self.table_row[b0:b1]
+        return tuple(c.index_select(0, ids).flatten(0, 1)[k0 - b0 * bs:k1 - b0 * bs].unsqueeze(0) for c in self.caches)
 
 
 def _prefill_sequence(q, key_cache, value_cache, table_row, ctx_len, spec, tiles):
-    """One sequence: q (1, Lq, H, D) against its ctx_len cached keys; returns out (1, Lq, H, D), lse (1, H, Lq)."""
-    lq = q.shape[1]
-    cd = kernels.compute_dtype(q.dtype)
-    out = torch.zeros(q.shape, dtype=cd, device=q.device)
-    lse = torch.full((1, q.shape[2], lq), float("-inf"), dtype=cd, device=q.device)
-    for blk in plan(spec, [Problem(0, lq, 0, ctx_len)], PREFILL_BLOCK_Q, PREFILL_BLOCK_K, PREFILL_BLOCK_K):
-        acc = None
-        q0, q1 = blk.q0, blk.q1
-        for seg in blk.segments:
-            k = _gather_tokens(key_cache, table_row, seg.k0, seg.k1)
-            v = _gather_tokens(value_cache, table_row, seg.k0, seg.k1)
-            o, l = tiles.tile_forward(q[:, q0:q1], k, v,
-                                      **_tile_args(spec, blk.problem, q0, q1, seg.k0, seg.k1, seg.kind, q.device))
-            acc = (o, l) if acc is None else merge_attention(*acc, o, l)
-        if acc is not None:
-            out[:, q0:q1], lse[:, :, q0:q1] = acc
-    return out, lse
+    """One sequence: q (1, Lq, H, D) against its ctx_len cached keys; returns out (1, Lq, H, D) in q's dtype,
+    lse (1, H, Lq) in the compute dtype. The blockwise forward loop over keys gathered through the table."""
+    return forward(q, _GatherKeys(key_cache, value_cache, table_row), spec, [Problem(0, q.shape[1], 0, ctx_len)],
+                   PREFILL_BLOCK_Q, PREFILL_BLOCK_K, tiles, max_run=PREFILL_BLOCK_K)
 
 
 def _merge_all(outs, lses):
@@ -192,16 +182,16 @@ def _merge_all(outs, lses):
     return o[0], l[0]
 
 
-def _decode(q, key_cache, value_cache, block_table, ctx_lens, spec, tiles):
+def _decode(q, key_cache, value_cache, block_table, ctx_lens, spec, backend):
     """One query per sequence: q (B, 1, H, D); returns out (B, 1, H, D), lse (B, H, 1) in the compute dtype.
 
-    The native C kernel (``paged_native``) for float32 / bfloat16 / float16 on the CPU, else the zero-copy
-    pool schedule (``paged_decode``) where the fused CPU kernel applies, else ``_decode_gather``."""
-    if paged_native.applies(q, key_cache, spec):
-        return paged_native.decode(q, key_cache, value_cache, block_table, ctx_lens, spec)
-    if paged_decode.applies(tiles, spec):
-        return paged_decode.decode(q, key_cache, value_cache, block_table, ctx_lens, spec)
-    return _decode_gather(q, key_cache, value_cache, block_table, ctx_lens, spec, tiles)
+    The decode kernel the records choose (``kernels.choose_decode``: the native C kernel, the tile
+    backend's own), else ``_decode_gather`` over the tile backend."""
+    kernel = kernels.choose_decode(q, key_cache.dtype, backend, alibi=spec.alibi_slopes is not None,
+                                   softcap=spec.softcap)
+    if kernel is not None:
+        return kernel.load()(q, key_cache, value_cache, block_table, ctx_lens, spec)
+    return _decode_gather(q, key_cache, value_cache, block_table, ctx_lens, spec, backend.tiles)
 
 
 def _decode_gather(q, key_cache, value_cache, block_table, ctx_lens, spec, tiles):
@@ -210,8 +200,6 @@ def _decode_gather(q, key_cache, value_cache, block_table, ctx_lens, spec, tiles
     Sequence b's visible keys are [start_b, L_b) (start_b > 0 only with a left window). Step s attends
     every sequence to its logical blocks first_b + s*C ... + C-1, gathered into one scratch buffer.
     """
-    if getattr(tiles, "paged_decode", None) is not None:  # Triton: one fused kernel reads through the table
-        return tiles.paged_decode(q, key_cache, value_cache, block_table, ctx_lens, spec)
     nb_total, bs, hkv, d = key_cache.shape
     b, _, h, _ = q.shape
     g = h // hkv
@@ -296,13 +284,13 @@ def paged_attention(q, key_cache, value_cache, block_table, cache_seqlens, *, cu
     batch = _prepare(q, key_cache, value_cache, block_table, cache_seqlens, cu_seqlens_q, softmax_scale,
                      causal, window_size, alibi_slopes, softcap)
     spec, qp = batch.spec, batch.q
-    tiles = kernels.select(qp, softcap=spec.softcap)
+    backend = kernels.choose(qp, softcap=spec.softcap)
     cd = kernels.compute_dtype(qp.dtype)
     h = qp.shape[1]
     decode = [b for b, lq in enumerate(batch.q_lens) if lq == 1]
     if decode and len(decode) == len(batch.q_lens):  # a pure decode step: no scatter into the packed rows
         with torch.no_grad():
-            o, l = _decode(qp.unsqueeze(1), key_cache, value_cache, block_table, batch.ctx_lens, spec, tiles)
+            o, l = _decode(qp.unsqueeze(1), key_cache, value_cache, block_table, batch.ctx_lens, spec, backend)
         return _finish(batch, o.squeeze(1).to(q.dtype), l.squeeze(2).transpose(0, 1), return_lse)
     out = torch.zeros(qp.shape, dtype=cd, device=qp.device)
     lse = torch.full((h, qp.shape[0]), float("-inf"), dtype=cd, device=qp.device)
@@ -312,13 +300,13 @@ def paged_attention(q, key_cache, value_cache, block_table, cache_seqlens, *, cu
             where = torch.tensor([batch.q_starts[b] for b in decode], device=qp.device)
             o, l = _decode(qp.index_select(0, where).unsqueeze(1), key_cache, value_cache,
                            block_table.index_select(0, rows.to(block_table.device)),
-                           [batch.ctx_lens[b] for b in decode], _row_spec(spec, rows), tiles)
+                           [batch.ctx_lens[b] for b in decode], _row_spec(spec, rows), backend)
             out[where], lse[:, where] = o.squeeze(1), l.squeeze(2).transpose(0, 1)
         for b, (q0, lq) in enumerate(zip(batch.q_starts, batch.q_lens)):
             if lq < 2:
                 continue
             o, l = _prefill_sequence(qp[q0:q0 + lq].unsqueeze(0), key_cache, value_cache, block_table[b],
-                                     batch.ctx_lens[b], _row_spec(spec, b), tiles)
+                                     batch.ctx_lens[b], _row_spec(spec, b), backend.tiles)
             out[q0:q0 + lq], lse[:, q0:q0 + lq] = o[0], l[0]
     return _finish(batch, out.to(q.dtype), lse, return_lse)
 

@@ -7,9 +7,10 @@ from __future__ import annotations
 import torch
 
 from .._validate import check_packed_qkv
-from .blockwise import Problem, blockwise_attention
-from .dispatch import build_spec, default_block
 from .. import kernels
+from .blockwise import blockwise_attention
+from .schedule import Problem
+from .spec import build_spec, default_block
 
 
 def _check_cu_seqlens(name, cu, total, batch=None):
@@ -55,11 +56,12 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
             raise ValueError(f"{name} must be an int >= the longest sequence ({actual}), got {given!r}")
     batch = len(lens_q)
     q4, k4, v4 = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)  # one packed batch row
-    spec = build_spec(q4, k4, causal=causal, softmax_scale=softmax_scale, key_padding_mask=None,
+    spec = build_spec(q4.shape, k4.shape[1], causal=causal, softmax_scale=softmax_scale, key_padding_mask=None,
                       window_size=window_size, alibi_slopes=alibi_slopes, softcap=softcap, num_sequences=batch)
     problems = [Problem(cq[i], lens_q[i], ck[i], lens_k[i], index=i) for i in range(batch)
                 if lens_q[i] > 0 and lens_k[i] > 0]
-    block = default_block(spec, kernels.select(q4, softcap=spec.softcap))
-    out, lse = blockwise_attention(q4, k4, v4, spec, block, block, problems=problems)
+    backend = kernels.choose(q4, softcap=spec.softcap)
+    block = default_block(spec, backend)
+    out, lse = blockwise_attention(q4, k4, v4, spec, block, block, impl=backend, problems=problems)
     out, lse = out.squeeze(0), lse.squeeze(0)
     return (out, lse) if return_lse else out

@@ -33,17 +33,13 @@ from __future__ import annotations
 
 import torch
 
-from ..kernels import compute_dtype, cpu_flash
+from . import cpu_flash
+from .torch_tiles import compute_dtype
 
 # A layer's blocks are attended in place when their id range is at most this many times their count.
 _RANGE_SLACK = 4
 # Runs of this many consecutive physical blocks (aligned in the pool and in the table) become one tile.
 VIRTUAL_BLOCKS = 8
-
-
-def applies(tiles, spec) -> bool:
-    """Whether ``decode`` handles this call (else the gather schedule does)."""
-    return tiles is cpu_flash and spec.alibi_slopes is None and not spec.softcap
 
 
 def _layers(phys):

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from ..kernels import native
+from . import native
 
 # A split covers at least this many keys: smaller runs cost more in partial results than they gain.
 MIN_SPLIT_TOKENS = 256
@@ -26,12 +26,6 @@ ITEMS_PER_THREAD = 4
 
 # The cache element types the kernel reads (its dtype code); arithmetic is float32 for all of them.
 DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-
-
-def applies(q, key_cache, spec) -> bool:
-    """Whether ``decode`` handles this call: float32 / bfloat16 / float16 CPU tensors, the kernel built here."""
-    return (q.dtype in DTYPES and key_cache.dtype == q.dtype and q.device.type == "cpu"
-            and key_cache.device.type == "cpu" and native.available())
 
 
 def _splits(b: int, max_blocks: int, bs: int, threads: int) -> tuple[int, int]:
@@ -71,4 +65,4 @@ def decode(q, key_cache, value_cache, block_table, ctx_lens, spec):
     return out.unsqueeze(1), lse.unsqueeze(2)
 
 
-__all__ = ["applies", "decode", "MIN_SPLIT_TOKENS"]
+__all__ = ["decode", "MIN_SPLIT_TOKENS"]
