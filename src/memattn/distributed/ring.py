@@ -32,7 +32,7 @@ import torch
 from .. import kernels
 from .._validate import check_dense_qkv, resolve_scale
 from ..masks import causal as causal_mask
-from ..ops.blockwise import blockwise_backward, blockwise_forward
+from ..ops.blockwise import FlashFunction, blockwise_backward, blockwise_forward
 from ..ops.schedule import Problem
 from ..ops.spec import AttentionSpec
 from .comm import RingComm, RingError, agree, all_gather, dtype_code, group_info
@@ -281,24 +281,6 @@ def _ring_backward(dout, q, k, v, out, lse, dlse, ring: _Ring):
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
-class _RingAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, ring):
-        out, lse = _ring_forward(q, k, v, ring)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.ring = ring
-        ctx.set_materialize_grads(False)
-        return out.to(q.dtype), lse
-
-    @staticmethod
-    def backward(ctx, dout, dlse):
-        q, k, v, out, lse = ctx.saved_tensors
-        if dout is None:
-            dout = torch.zeros_like(q)
-        dq, dk, dv = _ring_backward(dout.contiguous(), q, k, v, out, lse, dlse, ctx.ring)
-        return dq, dk, dv, None
-
-
 def _local_error(q, k, v, causal, layout) -> str | None:
     """This rank's input error, as text (None if fine); raised on every rank after the agreement."""
     try:
@@ -354,7 +336,8 @@ def ring_attention(q, k, v, *, group=None, causal=False, softmax_scale=None, lay
         fields.update({f"pad {i}": -1 for i in range(12)})
     agree(group, fields, error, "ring_attention")
     ring = _Ring(comm, layout, causal, scale)
-    out, lse = _RingAttention.apply(q, k.contiguous(), v.contiguous(), ring)
+    out, lse = FlashFunction.apply(q, k.contiguous(), v.contiguous(), lambda *x: _ring_forward(*x, ring),
+                                   lambda dout, *rest: _ring_backward(dout.contiguous(), *rest, ring))
     return (out, lse) if return_lse else out
 
 

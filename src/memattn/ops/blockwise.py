@@ -103,22 +103,29 @@ def blockwise_backward(dout, q, k, v, out, lse, dlse, spec: AttentionSpec, probl
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
-class _BlockwiseFunction(torch.autograd.Function):
+class FlashFunction(torch.autograd.Function):
+    """Autograd for any schedule that keeps only (out, lse) in forward and recomputes in backward.
+
+    ``FlashFunction.apply(q, k, v, forward, backward)`` with forward(q, k, v) -> (out, lse) and
+    backward(dout, q, k, v, out, lse, dlse) -> (dq, dk, dv); dout or dlse may be None (a zero dout
+    is materialised, a missing dlse stays None). out is returned in q's dtype. Blockwise and ring
+    attention share it."""
+
     @staticmethod
-    def forward(ctx, q, k, v, spec, problems, block_q, block_k, backend):
-        out, lse = blockwise_forward(q, k, v, spec, problems, block_q, block_k, backend)
+    def forward(ctx, q, k, v, forward, backward):
+        out, lse = forward(q, k, v)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.args = (spec, problems, block_q, block_k, backend)
+        ctx.backward_fn = backward
         ctx.set_materialize_grads(False)
-        return out, lse
+        return out.to(q.dtype), lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
         q, k, v, out, lse = ctx.saved_tensors
         if dout is None:
-            dout = torch.zeros_like(out)
-        dq, dk, dv = blockwise_backward(dout, q, k, v, out, lse, dlse, *ctx.args)
-        return dq, dk, dv, None, None, None, None, None
+            dout = torch.zeros(out.shape, dtype=q.dtype, device=q.device)
+        dq, dk, dv = ctx.backward_fn(dout, q, k, v, out, lse, dlse)
+        return dq, dk, dv, None, None
 
 
 def blockwise_attention(q, k, v, spec: AttentionSpec, block_q: int, block_k: int, impl=None,
@@ -133,4 +140,6 @@ def blockwise_attention(q, k, v, spec: AttentionSpec, block_q: int, block_k: int
     backend = impl if isinstance(impl, kernels.Backend) else kernels.choose(q, softcap=spec.softcap, impl=impl)
     if problems is None:
         problems = (Problem(0, q.shape[1], 0, k.shape[1]),)
-    return _BlockwiseFunction.apply(q, k, v, spec, tuple(problems), block_q, block_k, backend)
+    args = (spec, tuple(problems), block_q, block_k, backend)
+    return FlashFunction.apply(q, k, v, lambda q_, k_, v_: blockwise_forward(q_, k_, v_, *args),
+                               lambda *grads_in: blockwise_backward(*grads_in, *args))
