@@ -65,10 +65,15 @@ def test_mask_spec_parses_only_known_factories():
         mask_spec.parse("sliding_window(x, 0)")
 
 
-def test_favor_sweep_plot(tmp_path, capsys):
+@pytest.mark.parametrize("argv", [["favor-sweep", "--seq-len", "64"], ["compare", "--favor-sweep", "--seq-lens", "64"]],
+                         ids=["subcommand", "deprecated-flag"])
+def test_favor_sweep_plot(argv, tmp_path, capsys):
     png = tmp_path / "f.png"
-    assert cli.main(["compare", "--favor-sweep", "--seq-lens", "64", "--head-dim", "16", "--plot", str(png)]) == 0
-    rows = [line for line in capsys.readouterr().out.splitlines() if line.strip().startswith("│")]
+    assert cli.main([*argv, "--head-dim", "16", "--plot", str(png)]) == 0
+    captured = capsys.readouterr()
+    rows = [line for line in captured.out.splitlines() if line.strip().startswith("│")]
     errors = [float(r.split("│")[2]) for r in rows]
+    assert len(errors) == len(cli.FAVOR_FEATURES)
     assert errors[-1] < errors[0]  # more features, less error
     assert png.stat().st_size > 1000
+    assert ("deprecated" in captured.err) == (argv[0] == "compare")

@@ -111,17 +111,29 @@ def cmd_compare(args) -> int:
     return 0
 
 
+FAVOR_FEATURES = [16, 32, 64, 128, 256, 512, 1024, 2048, 4096]
+
+
+def _compare_or_favor_alias(args) -> int:
+    """`compare --favor-sweep` (deprecated) runs the favor-sweep subcommand; plain `compare` the table."""
+    if not args.favor_sweep:
+        return cmd_compare(args)
+    print("memattn: `compare --favor-sweep` is deprecated; use `memattn favor-sweep`", file=sys.stderr)
+    seq_len = args.seq_lens[0] if args.seq_lens != DEFAULT_SEQ_LENS else 256
+    return cmd_favor_sweep(argparse.Namespace(seq_len=seq_len, head_dim=args.head_dim, features=FAVOR_FEATURES,
+                                              plot=args.plot or "favor_sweep.png"))
+
+
 def cmd_favor_sweep(args) -> int:
     from .ops.linear import favor_sweep
 
-    counts = [16, 32, 64, 128, 256, 512, 1024, 2048, 4096]
-    seq_len = args.seq_lens[0] if args.seq_lens != DEFAULT_SEQ_LENS else 256
+    counts, seq_len = args.features, args.seq_len
     with _Progress(1, "FAVOR+ sweep") as bar:
         rows = favor_sweep(seq_len, args.head_dim, counts, seed=0)
         bar.step("done")
     _print_table(["random features", "relative error vs softmax"], [[str(m), f"{e:.4f}"] for m, e in rows],
                  f"FAVOR+ error against exact softmax attention (S={seq_len}, D={args.head_dim}, mean of 4 draws)")
-    path = args.plot or "favor_sweep.png"
+    path = args.plot
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -224,8 +236,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--plot", default=None, metavar="PNG")
     c.add_argument("--json", default=None, metavar="PATH")
     c.add_argument("--favor-sweep", action="store_true",
-                   help="instead of the table: FAVOR+ error against softmax as random features grow (plot)")
-    c.set_defaults(func=lambda a: cmd_favor_sweep(a) if a.favor_sweep else cmd_compare(a))
+                   help="deprecated: use `memattn favor-sweep` (runs it with --seq-lens' first length, else 256)")
+    c.set_defaults(func=_compare_or_favor_alias)
+    f = sub.add_parser("favor-sweep", help="FAVOR+ error against exact softmax as random features grow (plot)")
+    f.add_argument("--seq-len", type=_positive, default=256)
+    f.add_argument("--head-dim", type=_positive, default=64)
+    f.add_argument("--features", type=_int_list, default=FAVOR_FEATURES, help="comma-separated feature counts")
+    f.add_argument("--plot", default="favor_sweep.png", metavar="PNG")
+    f.set_defaults(func=cmd_favor_sweep)
     m = sub.add_parser("masks", help="inspect mask layouts")
     msub = m.add_subparsers(dest="masks_command", required=True)
     show = msub.add_parser("show", help="draw which tiles run (full / partial) and which are skipped")

@@ -18,6 +18,7 @@ import torch
 from . import masks, reference
 from .memory import available_bytes, estimate, measure_call
 from .ops.dispatch import attention
+from .ops.linear import linear_attention
 
 WINDOW = 512  # keys per query for the sliding-window row (causal)
 ERR_ROWS = 128  # the error is measured on the first and last ERR_ROWS query rows
@@ -47,13 +48,9 @@ def _methods() -> dict[str, CompareMethod]:
                                                           method="blockwise"), "window",
                       oracle_mask=lambda s: masks.sliding_window(WINDOW - 1, 0),
                       description=f"causal sliding window of {WINDOW} keys, empty tiles skipped"),
+        CompareMethod("linear", lambda q, k, v: linear_attention(q, k, v, feature_map="elu"), "linear",
+                      description="elu+1 linear attention (approximate: error vs softmax)"),
     ]
-    try:
-        from .ops.linear import linear_attention  # issue 4; optional until it lands
-        ms.append(CompareMethod("linear", lambda q, k, v: linear_attention(q, k, v, feature_map="elu"), "linear",
-                                description="elu+1 linear attention (approximate: error vs softmax)"))
-    except ImportError:
-        pass
     return {m.name: m for m in ms}
 
 

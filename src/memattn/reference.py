@@ -1,7 +1,8 @@
-"""The oracle: materialised attention with an explicit dense mask and bias.
+"""The oracle: materialised attention with an explicit dense mask and bias, written to be read.
 
-Tests run it in float64; the ``standard`` method runs it in the input dtype (the textbook
-row of the memory table, and ``naive_T`` of FlashAttention's tolerance rule).
+Tests run it in float64 (the oracle) and in the dtype of the path under test (``naive_T`` of
+FlashAttention's tolerance rule). It is not the ``standard`` method: that one is a lean
+materialising implementation of its own (``ops/standard.py``), checked against this.
 """
 from __future__ import annotations
 

@@ -2,8 +2,8 @@
 
 Why: paged attention reads blocks in a random order over a pool of hundreds of MiB. With 4 KiB pages every
 block touches fresh pages whose translations miss the TLB; with 2 MiB pages a whole region of blocks shares
-one translation. Measured here (benchmarks/paged.py, 32 x 4096 tokens, random block table): the native decode
-kernel reads about 15% faster from a huge-page pool. Sequential readers (SDPA on a contiguous cache) gain little.
+one translation, so random block reads get faster (measured in BENCHMARKS.md, "Paged decode"). Sequential
+readers (SDPA on a contiguous cache) gain little.
 """
 from __future__ import annotations
 

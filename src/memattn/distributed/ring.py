@@ -158,10 +158,9 @@ class _Ring:
 # K/V (and in the backward their gradients) travel in pieces of a block: a rank then holds a few
 # pieces in flight instead of whole blocks. The backward sets the peak (out, dq, dk, dv are all
 # alive), so its pieces are small, about 10 of them alive at once: <= 1/32 of a block each, but at
-# least 512 keys: per key, the fused CPU backward costs ~8% more on 512-key tiles than on 1024-key
-# ones, ~38% more on 256-key ones (1 thread, H=2, D=32).
+# least 512 keys, since the fused CPU backward costs more per key on smaller tiles.
 # The forward holds only out, so it takes larger pieces: each piece merges into out once per
-# query block, and a merge costs ~10% of a 512-key tile.
+# query block, and a merge costs a fair share of a small tile. (Measured costs: BENCHMARKS.md, "Ring".)
 RING_PIECE, RING_PIECES = 512, 32
 RING_FORWARD_PIECE, RING_FORWARD_PIECES = 2048, 4
 # Query block of the forward's tiles (the fused kernel loops over keys itself). Its merge
