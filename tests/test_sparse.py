@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import memattn
-from memattn import masks, reference
+from memattn import kernels, masks, reference
 from memattn.masks import EMPTY, FULL, PARTIAL, edges
 from memattn.memory import measure
 from memattn.ops.blockwise import blockwise_attention
@@ -39,7 +39,7 @@ def check_paths(spec_kwargs, q64, k64, v64, q, k, v, mask_dense, bias_dense, blo
     ref_g, nai_g = grads([ref_o, ref_l], (q64, k64, v64)), grads([nai_o, nai_l], (q, k, v))
     for bq, bk in blocks:
         for impl in impls:
-            if impl == "cpu_flash" and softcap:
+            if softcap and not kernels.backend(impl).softcap:
                 continue
             out, lse = blockwise_attention(q, k, v, spec, bq, bk, impl)
             tag = f"{impl} blocks {bq}x{bk}"

@@ -8,6 +8,7 @@ from .ops.linear import LinearAttentionState, linear_attention
 from .ops.merge import merge_attention
 from .ops.paged import paged_attention
 from .ops.varlen import attention_varlen
+from .kernels import use_backend
 
 __version__ = "0.1.0"
 
@@ -22,5 +23,5 @@ def __getattr__(name):
     raise AttributeError(f"module 'memattn' has no attribute {name!r}")
 
 
-__all__ = ["LLM", "SamplingParams", "attention", "attention_varlen", "merge_attention", "paged_attention", "linear_attention",
+__all__ = ["LLM", "SamplingParams", "use_backend", "attention", "attention_varlen", "merge_attention", "paged_attention", "linear_attention",
            "LinearAttentionState", "cache", "masks", "memory", "reference", "__version__"]
