@@ -16,8 +16,8 @@ Each implementation runs in a fresh worker process (``--worker``): it loads the 
 timed (one timed pass: the full workload takes minutes on 2 cores, so no median of 5). The parent compares every
 greedy output with the engine's, check run and timed run. Peak memory: the process's resident high-water mark
 during the timed run (construction of the engine / manager included, so a KV pool counts as far as it is
-touched), above the resident size before it (``memattn.engine.workload.ProcessPeak``); the profiler-based
-``memattn.memory.measure`` would slow the many small ops of a serving loop too much to time them.
+touched), above the resident size before it (``memattn.memory.measure_process``, the process mode); the
+profiler-based ``memattn.memory.measure`` would slow the many small ops of a serving loop too much to time them.
 
     python benchmarks/serve.py [--num-requests 64] [--max-output 256] [--hf-batch 16[,64]] [--impls ...] [--json PATH]
 """
@@ -39,8 +39,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _harness import machine, print_records, record, write_json  # noqa: E402
 
 from memattn.engine.models import PRESETS  # noqa: E402
-from memattn.engine.workload import (ProcessPeak, make_requests, run_engine, run_hf_generate,  # noqa: E402
-                                     run_hf_generate_batch)
+from memattn.engine.workload import make_requests, run_engine, run_hf_generate, run_hf_generate_batch  # noqa: E402
+from memattn.memory import measure_process  # noqa: E402
 
 PRESET = "llama-30m"
 OURS = "memattn.engine"
@@ -91,11 +91,11 @@ def worker(args) -> int:
     run = _runner(args.worker, args.folder, args)
     check = run([(p, min(m, CHECK_TOKENS)) for p, m in reqs[:args.check]])
     gc.collect()
-    with ProcessPeak() as peak:
-        r = run(reqs)
+    peak = measure_process(run, reqs)
+    r = peak.result
     # the machine is shared: the 1-minute load average at the end of the timed run says how much it was
-    r.update(check_tokens=check["tokens"], peak_mib=peak.peak_mib, loadavg_1m=os.getloadavg()[0],
-             threads=torch.get_num_threads())
+    r.update(check_tokens=check["tokens"], peak_mib=peak.peak_mib, peak_method=peak.method,
+             loadavg_1m=os.getloadavg()[0], threads=torch.get_num_threads())
     with open(args.out, "w") as f:
         json.dump(r, f)
     return 0
@@ -183,7 +183,7 @@ def main(argv=None) -> int:
                   prompt_tokens=n_prompt, params_m=n_params / 1e6, max_batched_tokens=args.max_batched_tokens,
                   loadavg_1m=ours["loadavg_1m"], worker_threads=ours["threads"], block_size=args.block_size,
                   preemptions=ours.get("preemptions"),
-                  peak_memory="process RSS high-water mark above the start of the timed run")
+                  peak_memory=f"process RSS high-water mark above the start of the timed run ({ours['peak_method']})")
     records, ok = [], True
     for name, r in results.items():
         if name == OURS:
