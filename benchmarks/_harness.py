@@ -128,8 +128,12 @@ def record(case, impl, baseline, time_s, baseline_time_s, *, speedup=None, **ext
 
 
 def print_records(records, extra_cols=()):
-    cols = ["case", "impl", "baseline", "time_s", "baseline_time_s", "speedup", "peak_mib", "baseline_peak_mib",
-            "max_err", *extra_cols]
+    print_table(records, ["case", "impl", "baseline", "time_s", "baseline_time_s", "speedup", "peak_mib",
+                          "baseline_peak_mib", "max_err", *extra_cols])
+
+
+def print_table(records, cols):
+    """The records' `cols` as aligned text columns (missing fields as -)."""
     rows = [[_fmt(r.get(c)) for c in cols] for r in records]
     widths = [max(len(c), *(len(row[i]) for row in rows)) if rows else len(c) for i, c in enumerate(cols)]
     print("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
