@@ -18,8 +18,8 @@ shared 2-core machine a second OpenMP thread made small ops up to 60x slower and
 baseline keeps its cap (3 runs at S=16384, 1 at 65536).
 
 Each case checks correctness first, then alternates ours and baseline after a warm-up and
-reports medians. Peak memory: the largest running sum of allocator events the torch profiler
-records during one call (bytes allocated during the call, inputs excluded).
+reports medians. Peak memory (``memattn.memory.measure``): the largest running sum of allocator events
+the torch profiler records during one call (bytes allocated during the call, inputs excluded).
 """
 from __future__ import annotations
 
