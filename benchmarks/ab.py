@@ -38,6 +38,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -66,7 +67,10 @@ def base_tree(rev: str, head_root: str) -> tuple[str, str]:
                 return path, sha
         except subprocess.CalledProcessError:
             pass
-        git("worktree", "remove", "--force", path, cwd=head_root)
+        try:  # a worktree at another commit, or a leftover folder that is none
+            git("worktree", "remove", "--force", path, cwd=head_root)
+        except subprocess.CalledProcessError:
+            shutil.rmtree(path)
     git("worktree", "prune", cwd=head_root)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     git("worktree", "add", "--detach", path, sha, cwd=head_root)
