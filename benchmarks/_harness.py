@@ -20,6 +20,7 @@ import functools
 import json
 import os
 import platform
+import re
 import statistics
 import sys
 import time
@@ -109,12 +110,10 @@ def cpu_model() -> str:
     """The CPU's name: /proc/cpuinfo's "model name" on Linux, else platform.processor()."""
     try:
         with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+            found = re.search(r"^model name\s*:\s*(.+)$", f.read(), re.MULTILINE)
     except OSError:
-        pass
-    return platform.processor() or "unknown"
+        found = None
+    return found.group(1).strip() if found else (platform.processor() or "unknown")
 
 
 def record(case, impl, baseline, time_s, baseline_time_s, *, speedup=None, **extra) -> dict:
