@@ -51,7 +51,7 @@ def make_work(fn, q, k, v, causal, backward, dout):
 
 def run_case(s, dtype_name, causal, backward, impls, repeats):
     dtype = DTYPES[dtype_name]
-    case = f"{'fwdbwd' if backward else 'fwd'}-{'causal-' if causal else ''}S{s}-{dtype_name}"
+    case = case_name(s, dtype_name, causal, backward)
     g = torch.Generator().manual_seed(s)
     q, k, v = (torch.randn(B, s, H, D, generator=g).to(dtype).requires_grad_(backward) for _ in range(3))
     dout = torch.randn(B, s, H, D, generator=g).to(dtype)
@@ -116,6 +116,10 @@ def run_long(repeats):
                             gflops=flops(s, True, True) / elapsed / 1e9, reps=1)]
 
 
+def case_name(s, dtype_name, causal, backward):
+    return f"{'fwdbwd' if backward else 'fwd'}-{'causal-' if causal else ''}S{s}-{dtype_name}"
+
+
 def main():
     p = _harness.parser(__doc__)
     p.add_argument("--long", action="store_true", help="also run fwdbwd-causal-S131072-fp32 (minutes)")
@@ -126,15 +130,14 @@ def main():
         for s in [int(x) for x in args.seq_lens.split(",")]:
             for backward in (False, True):
                 for causal in (False, True):
-                    name = f"{'fwdbwd' if backward else 'fwd'}-{'causal-' if causal else ''}S{s}-{dtype_name}"
-                    if args.only and args.only not in name:
+                    if not _harness.wants(case_name(s, dtype_name, causal, backward), args.cases):
                         continue
                     recs += run_case(s, dtype_name, causal, backward, ["auto", "blockwise"], args.repeats)
                     _harness.print_records(recs[-2:], ("gflops", "baseline_gflops"))
-    if not args.only or args.only in "fwdbwd-S16384-fp32-memory":
+    if _harness.wants("fwdbwd-S16384-fp32-memory", args.cases):
         recs += run_memory()
         _harness.print_records(recs[-2:], ("peak_ratio",))
-    if args.long and (not args.only or args.only in "fwdbwd-causal-S131072-fp32"):
+    if args.long and _harness.wants("fwdbwd-causal-S131072-fp32", args.cases):
         recs += run_long(args.repeats)
         _harness.print_records(recs[-1:], ("peak_over_io", "gflops"))
     print()

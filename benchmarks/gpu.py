@@ -10,24 +10,26 @@ after a warm-up, the median of ``--repeats`` runs:
 - paged decode, 64 sequences of context 8192 (block size 16, H=32 query / 8 kv heads, D=128):
   memattn's Triton decode kernel as GB/s of KV read, vs the card's measured device-to-device copy bandwidth.
 
-Prints a table; ``--json PATH`` writes records in DESIGN.md's format. Targets: dense fwd >= 0.7x SDPA,
+Takes the harness's flags (``--cases``, ``--repeats``, ``--threads``, ``--json``); without CUDA it says so and
+exits 0, having run nothing. Prints a table; ``--json PATH`` writes records in DESIGN.md's format. Targets: dense fwd >= 0.7x SDPA,
 fwd+bwd >= 0.6x; window-1024 at S=16384 >= 1.0x Flex; paged decode >= 0.7x copy bandwidth.
 """
 from __future__ import annotations
 
-import argparse
-import json
+import os
 import statistics
 import sys
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _harness  # noqa: E402
+
+from memattn.memory import measure_call  # noqa: E402
+
 
 def _args():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--json", default=None, metavar="PATH", help="write the records as a JSON list")
-    p.add_argument("--repeats", type=int, default=5, help="timed runs per impl (median, >= 5)")
-    p.add_argument("--only", default=None, help="run only cases whose name contains this text")
+    p = _harness.parser(__doc__)
     p.add_argument("--seqlens", default="4096,16384", help="comma-separated S for the prefill cases")
     return p.parse_args()
 
@@ -48,15 +50,6 @@ def _cuda_time(fns: dict, repeats: int, warmup: int = 2) -> dict:
             torch.cuda.synchronize()
             times[name].append(a.elapsed_time(b) / 1e3)
     return {k: statistics.median(v) for k, v in times.items()}
-
-
-def _peak_mib(fn) -> float:
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
 def _bhsd(x):
@@ -119,17 +112,7 @@ def check_correctness(device):
     return max(worst, err)
 
 
-def _record(case, impl, baseline, t, bt, flops=None, **extra):
-    r = {"case": case, "impl": impl, "baseline": baseline, "time_s": t, "baseline_time_s": bt,
-         "speedup": bt / t if t else float("nan")}
-    if flops:
-        r["tflops"] = flops / t / 1e12
-        r["baseline_tflops"] = flops / bt / 1e12
-    r.update(extra)
-    return r
-
-
-def bench_prefill(device, seqlens, repeats, only):
+def bench_prefill(device, seqlens, repeats, cases):
     import memattn
     recs = []
     b, h, d = 4, 16, 128
@@ -138,7 +121,7 @@ def bench_prefill(device, seqlens, repeats, only):
         for name, causal, window in (("dense", False, -1), ("causal", True, -1), ("window1024", True, 1024)):
             for mode in ("fwd", "fwdbwd"):
                 case = f"{name}-{mode}-S{s}-bf16"
-                if only and only not in case:
+                if not _harness.wants(case, cases):
                     continue
                 if window > 0:
                     base_name, base = "flex.compiled", _flex_window(s, window, device)
@@ -160,21 +143,22 @@ def bench_prefill(device, seqlens, repeats, only):
                     with torch.no_grad():
                         err = (ours(q, k, v).float() - base(q, k, v).float()).abs().max().item()
                     t = _cuda_time(fns, repeats)
-                    peaks = {n: _peak_mib(f) for n, f in fns.items()}
+                    peaks = {n: measure_call(f, device=device).peak_mib for n, f in fns.items()}
                 visible = s * s if not causal else s * (s + 1) / 2
                 if window > 0:
                     visible = sum(min(i + 1, window + 1) for i in range(s))
                 flops = 4 * b * h * visible * d * (1 if mode == "fwd" else 3.5)
-                recs.append(_record(case, "memattn.triton", base_name, t["ours"], t["base"], flops,
-                                    peak_mib=peaks["ours"], baseline_peak_mib=peaks["base"], max_err=err))
+                recs.append(_harness.record(case, "memattn.triton", base_name, t["ours"], t["base"],
+                                            tflops=flops / t["ours"] / 1e12, baseline_tflops=flops / t["base"] / 1e12,
+                                            peak_mib=peaks["ours"], baseline_peak_mib=peaks["base"], max_err=err))
                 print(_row(recs[-1]), flush=True)
     return recs
 
 
-def bench_paged(device, repeats, only):
+def bench_paged(device, repeats, cases):
     import memattn
     case = "paged-decode-B64-ctx8192-bf16"
-    if only and only not in case:
+    if not _harness.wants(case, cases):
         return []
     nseq, ctx, page, h, hkv, d = 64, 8192, 16, 32, 8, 128
     per = ctx // page
@@ -190,9 +174,8 @@ def bench_paged(device, repeats, only):
     t = _cuda_time(fns, repeats)
     ours_gbs = kv_bytes / t["ours"] / 1e9
     copy_gbs = 2 * kc.numel() * kc.element_size() / t["copy"] / 1e9  # read + write
-    rec = {"case": case, "impl": "memattn.triton.paged_decode", "baseline": "device copy bandwidth",
-           "time_s": t["ours"], "baseline_time_s": t["copy"], "gbs": ours_gbs, "copy_gbs": copy_gbs,
-           "speedup": ours_gbs / copy_gbs}
+    rec = _harness.record(case, "memattn.triton.paged_decode", "device copy bandwidth", t["ours"], t["copy"],
+                          speedup=ours_gbs / copy_gbs, gbs=ours_gbs, copy_gbs=copy_gbs)
     print(_row(rec), flush=True)
     return [rec]
 
@@ -205,8 +188,9 @@ def _row(r):
 
 def main():
     args = _args()
-    if not torch.cuda.is_available():
-        sys.exit("benchmarks/gpu.py needs a CUDA device (none found); nothing was run.")
+    if not torch.cuda.is_available():  # not a failure: ab.py and scripts that run every benchmark go on
+        print("benchmarks/gpu.py needs a CUDA device (none found); nothing was run.")
+        return 0
     try:
         import triton  # noqa: F401
     except ImportError:
@@ -217,15 +201,13 @@ def main():
     err = check_correctness(device)
     print(f"correctness ok (max err {err:.2e})")
     print(f"{'case':34s} {'memattn':>10s} {'baseline':>10s}      {'ours':>8s} {'base':>8s}")
-    recs = bench_prefill(device, [int(s) for s in args.seqlens.split(",")], args.repeats, args.only)
-    recs += bench_paged(device, args.repeats, args.only)
+    recs = bench_prefill(device, [int(s) for s in args.seqlens.split(",")], args.repeats, args.cases)
+    recs += bench_paged(device, args.repeats, args.cases)
     for r in recs:
         r["device"] = name
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(recs, f, indent=1)
-        print(f"wrote {args.json}")
+    _harness.write_json(args.json, recs)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

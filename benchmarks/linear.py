@@ -1,6 +1,6 @@
 """Linear attention on CPU: causal training against causal SDPA, recurrent decoding against a KV cache.
 
-    python benchmarks/linear.py [--json PATH] [--quick] [--long]
+    python benchmarks/linear.py [--cases NAME,...] [--repeats N] [--threads N] [--json PATH] [--quick] [--long]
 
 Cases (B=1, H=8, D=64, elu features, float32):
 - linear-causal-fwdbwd-S{4096,16384,65536}-fp32: memattn.linear_attention(causal=True) forward +
@@ -12,16 +12,17 @@ Cases (B=1, H=8, D=64, elu features, float32):
   per-token SDPA over a contiguous KV cache of ctx tokens (append one token, attend).
 - --long adds linear-causal-fwdbwd-S262144-fp32 (no baseline: the training-memory claim).
 
-Every record carries ``threads`` (intra-op threads, the same for both sides).
+Every record carries ``threads`` (intra-op threads, the same for both sides; ``--threads``, default 1: on this
+shared 2-core machine a second OpenMP thread made small ops up to 60x slower and SDPA no faster).
+``--repeats`` sets every case's timed runs (default: 5 or 7 per case, 3 with --quick); the quadratic SDPA
+baseline keeps its cap (3 runs at S=16384, 1 at 65536).
 
 Each case checks correctness first, then alternates ours and baseline after a warm-up and
-reports medians. Peak memory: the largest running sum of allocator events the torch profiler
-records during one call (bytes allocated during the call, inputs excluded).
+reports medians. Peak memory (``memattn.memory.measure``): the largest running sum of allocator events
+the torch profiler records during one call (bytes allocated during the call, inputs excluded).
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import statistics
 import sys
@@ -31,6 +32,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
+sys.path.insert(0, os.path.dirname(__file__))
+import _harness  # noqa: E402
+
 from memattn.memory import measure  # noqa: E402
 from memattn.ops.linear import LinearAttentionState, linear_attention  # noqa: E402
 
@@ -64,10 +68,9 @@ def compare(ours, base, reps: int, base_reps: int | None = None):
 
 
 def record(case, impl, baseline, t, tb, p, pb, max_err, **extra):
-    rec = {"case": case, "impl": impl, "baseline": baseline, "threads": torch.get_num_threads(),
-           "time_s": t, "baseline_time_s": tb,
-           "speedup": tb / t if tb else None, "peak_mib": p / MIB,
-           "baseline_peak_mib": pb / MIB if pb is not None else None, "max_err": max_err, **extra}
+    """The harness's record (peaks given in bytes), printed as one row."""
+    rec = _harness.record(case, impl, baseline, t, tb, threads=torch.get_num_threads(), peak_mib=p / MIB,
+                          baseline_peak_mib=pb / MIB if pb is not None else None, max_err=max_err, **extra)
     tb_s = f"{tb:9.4f}" if tb else "        -"
     sp = f"{rec['speedup']:7.1f}x" if tb else "       -"
     pb_s = f"{rec['baseline_peak_mib']:9.1f}" if pb is not None else "        -"
@@ -190,35 +193,39 @@ def long_case(s):
                   input_mib=3 * q.numel() * 4 / MIB)
 
 
+def cases(quick: bool, long: bool, repeats: int | None) -> dict:
+    """{case name: thunk -> record}, in run order. `repeats` (None: each case's default) sets the timed runs;
+    the quadratic SDPA baseline keeps its cap."""
+    def reps(default):
+        return repeats or default
+
+    def causal(s, n, base_cap):
+        return lambda: causal_case(s, reps(n), min(reps(n), base_cap))
+    name = "linear-causal-fwdbwd-S{}-fp32".format
+    if quick:
+        return {name(1024): causal(1024, 3, 3),
+                "linear-chunked-vs-noncausal-fwdbwd-S2048-fp32": lambda: chunked_vs_noncausal(2048, reps(3)),
+                "decode-ctx1024": lambda: decode_case(1024, reps(3), 16)}
+    out = {name(4096): causal(4096, 5, 5),
+           "linear-chunked-vs-noncausal-fwdbwd-S16384-fp32": lambda: chunked_vs_noncausal(16384, reps(7))}
+    for ctx in (4096, 65536):
+        out[f"decode-ctx{ctx}"] = lambda ctx=ctx: decode_case(ctx, reps(7), 32)
+    out[name(16384)] = causal(16384, 5, 3)
+    out[name(65536)] = causal(65536, 5, 1)
+    if long:
+        out[name(262144)] = lambda: long_case(262144)
+    return out
+
+
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--json", help="write the records to this path")
+    ap = _harness.parser(__doc__, repeats=None, threads=1)
     ap.add_argument("--quick", action="store_true", help="small sizes only (smoke test)")
     ap.add_argument("--long", action="store_true", help="add the S=262144 training case")
-    ap.add_argument("--threads", type=int, default=1,
-                    help="intra-op threads for ours and the baseline alike (default 1: on this shared 2-core "
-                         "machine a second OpenMP thread made small ops up to 60x slower and SDPA no faster)")
     args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
     print(f"{'case':48s} {'time_s':>9s} {'base_s':>9s} {'speedup':>8s} {'peak_MiB':>9s} {'base_MiB':>9s}")
-    recs = []
-    if args.quick:
-        recs.append(causal_case(1024, 3, 3))
-        recs.append(chunked_vs_noncausal(2048, 3))
-        recs.append(decode_case(1024, 3, 16))
-    else:
-        recs.append(causal_case(4096, 5, 5))
-        recs.append(chunked_vs_noncausal(16384, 7))
-        for ctx in (4096, 65536):
-            recs.append(decode_case(ctx, 7, 32))
-        recs.append(causal_case(16384, 5, 3))
-        recs.append(causal_case(65536, 5, 1))
-    if args.long:
-        recs.append(long_case(262144))
-    if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(recs, f, indent=1)
+    todo = cases(args.quick, args.long, args.repeats)
+    recs = [todo[name]() for name in _harness.selected(todo, args.cases)]
+    _harness.write_json(args.json, recs)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Paged KV cache: decode speed against SDPA on a contiguous cache, and memory waste under one KV budget.
 
-    python benchmarks/paged.py [--json PATH] [--repeats N] [--cases NAME ...]
+    python benchmarks/paged.py [--cases NAME ...] [--repeats N] [--threads N ...] [--json PATH]
 
 decode-*: 32 sequences of 4096 cached tokens, block 16, D=64, fp32, block ids a random permutation
 (a fragmented pool). memattn.paged_attention reads the paged cache; the baseline is
@@ -25,8 +25,6 @@ of allocated blocks / allocated slots.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import os
 import statistics
@@ -36,42 +34,18 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
+sys.path.insert(0, os.path.dirname(__file__))
+import _harness  # noqa: E402
 
 import memattn  # noqa: E402
 from memattn.cache import BlockManager, hugepages  # noqa: E402
-
-
-def _peak_mib(fn) -> float:
-    """Peak of memory allocated during fn, in MiB, from the profiler's CPU allocator records: each op's own
-    net allocation at its start plus the frees/allocations recorded outside ops, summed in time order.
-    (An op's transient memory inside itself is seen only net, so this is a lower bound on the true peak.)"""
-    from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted(prof.events(), key=lambda e: e.time_range.start)
-    cur = peak = 0
-    for e in events:
-        cur += e.cpu_memory_usage if e.name == "[memory]" else e.self_cpu_memory_usage
-        peak = max(peak, cur)
-    return peak / 2**20
-
-
-def _interleaved(fns, repeats):
-    for f in fns:
-        f()  # warm-up
-    times = [[] for _ in fns]
-    for _ in range(repeats):
-        for t, f in zip(times, fns):
-            t0 = time.perf_counter()
-            f()
-            t.append(time.perf_counter() - t0)
-    return [statistics.median(t) for t in times]
+from memattn.memory import measure_call  # noqa: E402
 
 
 def copy_gbps(nbytes=512 << 20, repeats=5):
     src = torch.randn(nbytes // 4)
     dst = torch.empty_like(src)
-    (t,) = _interleaved([lambda: dst.copy_(src)], repeats)
+    t = _harness.interleaved_times({"copy": lambda: dst.copy_(src)}, repeats)["copy"]
     return nbytes / t / 1e9
 
 
@@ -112,16 +86,18 @@ def decode_case(name, batch, heads, kv_heads, ctx, repeats, block=16, d=64, dtyp
                                                            enable_gqa=gqa).transpose(1, 2)
     err, base_err = (ours().double() - ref).abs().max().item(), (sdpa().double() - ref).abs().max().item()
     assert err <= 2 * base_err + 1e-6, (err, base_err)
-    t_ours, t_base, t_bshd, t_huge = _interleaved([ours, sdpa, sdpa_bshd, sdpa_huge], repeats)
+    times = _harness.interleaved_times({"ours": ours, "sdpa": sdpa, "bshd": sdpa_bshd, "huge": sdpa_huge}, repeats)
+    t_ours, t_base, t_bshd, t_huge = times["ours"], times["sdpa"], times["bshd"], times["huge"]
     kv_bytes = 2 * batch * ctx * kv_heads * d * kc.element_size()
-    return dict(case=name, impl="memattn.paged_attention", baseline="torch.sdpa (contiguous cache)",
-                time_s=t_ours, baseline_time_s=t_base, speedup=t_base / t_ours,
-                peak_mib=_peak_mib(ours), baseline_peak_mib=_peak_mib(sdpa), max_err=err, baseline_max_err=base_err,
-                kv_gbps=kv_bytes / t_ours / 1e9, baseline_kv_gbps=kv_bytes / t_base / 1e9,
-                baseline_bshd_time_s=t_bshd, speedup_vs_bshd=t_bshd / t_ours,
-                baseline_hugepage_time_s=t_huge, speedup_vs_hugepage=t_huge / t_ours, threads=torch.get_num_threads(),
-                block_size=block, batch=batch, heads=heads, kv_heads=kv_heads, ctx=ctx, head_dim=d,
-                block_table="random permutation", pool="memattn.cache.hugepages.zeros (huge pages advised)")
+    return _harness.record(
+        name, "memattn.paged_attention", "torch.sdpa (contiguous cache)", t_ours, t_base,
+        peak_mib=measure_call(ours).peak_mib, baseline_peak_mib=measure_call(sdpa).peak_mib,
+        max_err=err, baseline_max_err=base_err,
+        kv_gbps=kv_bytes / t_ours / 1e9, baseline_kv_gbps=kv_bytes / t_base / 1e9,
+        baseline_bshd_time_s=t_bshd, speedup_vs_bshd=t_bshd / t_ours,
+        baseline_hugepage_time_s=t_huge, speedup_vs_hugepage=t_huge / t_ours, threads=torch.get_num_threads(),
+        block_size=block, batch=batch, heads=heads, kv_heads=kv_heads, ctx=ctx, head_dim=d,
+        block_table="random permutation", pool="memattn.cache.hugepages.zeros (huge pages advised)")
 
 
 def request_lengths(n=1000, max_len=4096, seed=0):
@@ -202,14 +178,15 @@ def waste_case(budget_tokens=65536):
     contiguous = simulate_contiguous(reqs, budget_tokens)
     t2 = time.perf_counter()
     totals = sorted(p + o for p, o in reqs)
-    return dict(case="waste-1000req", impl="memattn.cache.BlockManager (block 16)",
-                baseline="contiguous max-length (4096) pre-allocation", time_s=t1 - t0, baseline_time_s=t2 - t1,
-                speedup=contiguous["steps"] / paged["steps"], peak_mib=None, baseline_peak_mib=None,
-                max_err=0.0, kv_budget_tokens=budget_tokens,
-                length_median=totals[len(totals) // 2], length_p99=totals[int(0.99 * len(totals))],
-                length_max=totals[-1], paged=paged, contiguous=contiguous,
-                concurrency_ratio=paged["peak_concurrent_seqs"] / contiguous["peak_concurrent_seqs"],
-                note="time_s: simulation wall time; speedup = contiguous steps / paged steps to serve all requests")
+    return _harness.record(
+        "waste-1000req", "memattn.cache.BlockManager (block 16)",
+        "contiguous max-length (4096) pre-allocation", t1 - t0, t2 - t1,
+        speedup=contiguous["steps"] / paged["steps"], peak_mib=None, baseline_peak_mib=None,
+        max_err=0.0, kv_budget_tokens=budget_tokens,
+        length_median=totals[len(totals) // 2], length_p99=totals[int(0.99 * len(totals))],
+        length_max=totals[-1], paged=paged, contiguous=contiguous,
+        concurrency_ratio=paged["peak_concurrent_seqs"] / contiguous["peak_concurrent_seqs"],
+        note="time_s: simulation wall time; speedup = contiguous steps / paged steps to serve all requests")
 
 
 CASES = {
@@ -224,17 +201,12 @@ CASES = {
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--json", help="write the records to this path")
-    ap.add_argument("--repeats", type=int, default=7)
-    ap.add_argument("--cases", nargs="*", default=list(CASES), choices=list(CASES))
-    ap.add_argument("--threads", nargs="*", type=int, default=[torch.get_num_threads()],
-                    help="torch thread counts to time the decode cases with (each gives its own records)")
+    ap = _harness.parser(__doc__, repeats=7, threads=[torch.get_num_threads()], thread_sweep=True)
     args = ap.parse_args(argv)
-    records = []
-    for name in args.cases:
-        for threads in (args.threads if name.startswith("decode") else [torch.get_num_threads()]):
-            torch.set_num_threads(threads)
+    records, default = [], torch.get_num_threads()
+    for name in _harness.selected(CASES, args.cases):
+        for threads in (args.threads if name.startswith("decode") else [default]):
+            torch.set_num_threads(threads or default)
             rec = CASES[name](args.repeats)
             if name.startswith("decode"):
                 rec["copy_gbps"] = copy_gbps(repeats=args.repeats)
@@ -255,10 +227,7 @@ def main(argv=None):
                   f"({p['steps']} steps, {p['preemptions']} preemptions)")
             print(f"{'':32} contiguous: util {c['kv_utilization_pct']:.1f}%  peak {c['peak_concurrent_seqs']} seqs "
                   f"({c['steps']} steps)  -> {r['concurrency_ratio']:.1f}x concurrency")
-    if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(records, f, indent=1)
+    _harness.write_json(args.json, records)
 
 
 if __name__ == "__main__":

@@ -12,14 +12,16 @@ Llama config (preset "llama-30m"), float32 on CPU, greedy, EOS ignored. Implemen
   per-request ``max_new_tokens``), KV pool and token budget sized as ours.
 
 Each implementation runs in a fresh worker process (``--worker``): it loads the saved model, runs the first
-``--check`` requests (output cut to 16 tokens) as warm-up and correctness check, then the whole workload once,
-timed (one timed pass: the full workload takes minutes on 2 cores, so no median of 5). The parent compares every
+``--check`` requests (output cut to 16 tokens) as warm-up and correctness check, then the whole workload
+``--repeats`` times, timed (default once: the full workload takes minutes on 2 cores, so no median of 5; with
+more, the run of median wall time is reported). The parent compares every
 greedy output with the engine's, check run and timed run. Peak memory: the process's resident high-water mark
 during the timed run (construction of the engine / manager included, so a KV pool counts as far as it is
-touched), above the resident size before it (``memattn.engine.workload.ProcessPeak``); the profiler-based
-``memattn.memory.measure`` would slow the many small ops of a serving loop too much to time them.
+touched), above the resident size before it (``memattn.memory.measure_process``, the process mode); the
+profiler-based ``memattn.memory.measure`` would slow the many small ops of a serving loop too much to time them.
 
-    python benchmarks/serve.py [--num-requests 64] [--max-output 256] [--hf-batch 16[,64]] [--impls ...] [--json PATH]
+    python benchmarks/serve.py [--num-requests 64] [--max-output 256] [--hf-batch 16[,64]] [--impls ...]
+                               [--cases serve-64req] [--repeats 1] [--threads N] [--json PATH]
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ import argparse
 import gc
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -36,11 +39,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _harness import machine, print_records, record, write_json  # noqa: E402
+from _harness import machine, parser, print_records, record, wants, write_json  # noqa: E402
 
 from memattn.engine.models import PRESETS  # noqa: E402
-from memattn.engine.workload import (ProcessPeak, make_requests, run_engine, run_hf_generate,  # noqa: E402
-                                     run_hf_generate_batch)
+from memattn.engine.workload import make_requests, run_engine, run_hf_generate, run_hf_generate_batch  # noqa: E402
+from memattn.memory import measure_process  # noqa: E402
 
 PRESET = "llama-30m"
 OURS = "memattn.engine"
@@ -84,18 +87,21 @@ def _runner(name: str, folder: str, args):
 
 
 def worker(args) -> int:
-    """One implementation in this process: check run, then the timed run; results as JSON to args.out."""
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    """One implementation in this process: check run, then the timed runs; results as JSON to args.out.
+    (--threads is already applied: the harness's parser does it.)"""
     reqs = _requests(args)
     run = _runner(args.worker, args.folder, args)
     check = run([(p, min(m, CHECK_TOKENS)) for p, m in reqs[:args.check]])
     gc.collect()
-    with ProcessPeak() as peak:
-        r = run(reqs)
+    peak = measure_process(run, reqs)  # the first timed run: the process's peak is highest then
+    runs = [peak.result] + [run(reqs) for _ in range(args.repeats - 1)]
+    median = statistics.median_low(x["wall_s"] for x in runs)
+    r = next(x for x in runs if x["wall_s"] == median)
+    if any(x["tokens"] != runs[0]["tokens"] for x in runs):
+        raise AssertionError(f"{args.worker}: greedy outputs changed between timed runs")
     # the machine is shared: the 1-minute load average at the end of the timed run says how much it was
-    r.update(check_tokens=check["tokens"], peak_mib=peak.peak_mib, loadavg_1m=os.getloadavg()[0],
-             threads=torch.get_num_threads())
+    r.update(check_tokens=check["tokens"], peak_mib=peak.peak_mib, peak_method=peak.method,
+             loadavg_1m=os.getloadavg()[0], threads=torch.get_num_threads(), reps=len(runs))
     with open(args.out, "w") as f:
         json.dump(r, f)
     return 0
@@ -113,8 +119,8 @@ def _spawn(name: str, folder: str, args, tmp: str) -> dict:
            "--num-requests", str(args.num_requests), "--max-prompt", str(args.max_prompt),
            "--max-output", str(args.max_output), "--seed", str(args.seed), "--check", str(args.check),
            "--kv-mib", str(args.kv_mib), "--max-num-seqs", str(args.max_num_seqs),
-           "--max-batched-tokens", str(args.max_batched_tokens), "--threads", str(args.threads),
-           "--block-size", str(args.block_size)]
+           "--max-batched-tokens", str(args.max_batched_tokens), "--repeats", str(args.repeats),
+           "--block-size", str(args.block_size)] + (["--threads", str(args.threads)] if args.threads else [])
     subprocess.run(cmd, check=True, env=dict(os.environ, TRANSFORMERS_VERBOSITY="error"))
     with open(out) as f:
         return json.load(f)
@@ -133,7 +139,7 @@ def _first_diff(a: list, b: list) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = parser(__doc__, repeats=1)
     p.add_argument("--num-requests", type=int, default=64)
     p.add_argument("--max-prompt", type=int, default=512)
     p.add_argument("--max-output", type=int, default=256)
@@ -149,14 +155,16 @@ def main(argv=None) -> int:
     p.add_argument("--block-size", type=int, default=16,
                    help="the engine's KV block (LLM's default, 16; the native decode kernel reads 16- and "
                         "128-token blocks at the same speed)")
-    p.add_argument("--threads", type=int, default=0, help="intra-op threads of every worker (0: torch's default)")
-    p.add_argument("--json", default=None, metavar="PATH")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--folder", default=None, help=argparse.SUPPRESS)
     p.add_argument("--out", default=None, help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
+    args = p.parse_args(argv)  # applies --threads here and, passed on, in every worker
     if args.worker:
         return worker(args)
+    case = f"serve-{args.num_requests}req"
+    if not wants(case, args.cases):
+        print(f"--cases selects nothing here (the case is {case})")
+        return 0
     import transformers
 
     torch.manual_seed(0)
@@ -164,7 +172,6 @@ def main(argv=None) -> int:
     hf = transformers.AutoModelForCausalLM.from_config(cfg)
     n_params = sum(t.numel() for t in hf.parameters())
     reqs = _requests(args)
-    case = f"serve-{args.num_requests}req"
     n_prompt, n_out = sum(len(r[0]) for r in reqs), sum(r[1] for r in reqs)
     print(f"{case}: {PRESET} {n_params / 1e6:.1f}M params, {n_prompt} prompt tokens, {n_out} output tokens, "
           f"{torch.get_num_threads()} threads, transformers {transformers.__version__}", flush=True)
@@ -182,8 +189,8 @@ def main(argv=None) -> int:
                   peak_mib=ours["peak_mib"], kv_reserved_mib=ours.get("kv_reserved_mib"), out_tokens=ours["out_tokens"],
                   prompt_tokens=n_prompt, params_m=n_params / 1e6, max_batched_tokens=args.max_batched_tokens,
                   loadavg_1m=ours["loadavg_1m"], worker_threads=ours["threads"], block_size=args.block_size,
-                  preemptions=ours.get("preemptions"),
-                  peak_memory="process RSS high-water mark above the start of the timed run")
+                  preemptions=ours.get("preemptions"), reps=ours["reps"],
+                  peak_memory=f"process RSS high-water mark above the start of the timed run ({ours['peak_method']})")
     records, ok = [], True
     for name, r in results.items():
         if name == OURS:

@@ -180,11 +180,11 @@ def main():
     for s in [int(x) for x in args.seq_lens.split(",")]:
         for backward in (False, True):
             case = f"window512-causal-{'fwdbwd' if backward else 'fwd'}-S{s}-fp32"
-            if args.only and args.only not in case:
+            if not _harness.wants(case, args.cases):
                 continue
             recs += masked_case(case, win, win_mod, ours_win, s, backward, args.repeats, window_pairs(s))
             _harness.print_records(recs[-2:], ("useful_gflops", "compile_s"))
-    if not args.only or args.only in "bigbird-fwd-S16384-fp32":
+    if _harness.wants("bigbird-fwd-S16384-fp32", args.cases):
         s = 16384
         bb = masks.bigbird(64, 3, 1, 2, seed=0)
         lay = bb.layout(s, s)
@@ -199,7 +199,7 @@ def main():
         _harness.print_records(recs[-2:], ("useful_gflops", "compile_s"))
     for backward in (False, True):
         case = f"varlen16docs-{'fwdbwd' if backward else 'fwd'}-S16384-fp32"
-        if args.only and args.only not in case:
+        if not _harness.wants(case, args.cases):
             continue
         recs += varlen_case(backward, args.repeats)
         _harness.print_records(recs[-1:], ("useful_gflops",))

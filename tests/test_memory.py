@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import memattn
-from memattn.memory import estimate, measure, measure_call
+from memattn.memory import estimate, measure, measure_call, measure_process
 
 
 def test_measure_counts_allocations_inside_the_call():
@@ -43,6 +43,33 @@ def test_blockwise_backward_peak_is_below_a_tenth_of_standard():
     blockwise, standard = measure(run("blockwise")), measure(run("standard"))
     assert standard > s * s * 2 * 4, "standard must hold at least one S x S float32 matrix per head"
     assert blockwise < 0.1 * standard, f"blockwise {blockwise / 2**20:.1f} MiB vs standard {standard / 2**20:.1f} MiB"
+
+
+def test_process_mode_sees_a_touched_buffer():
+    # 64 MiB written page by page inside the call: the RSS high-water mark must rise by most of it
+    size = 64 * 2**20
+
+    def touch():
+        buf = torch.ones(size // 4)
+        return float(buf[-1])
+    m = measure_process(touch)
+    assert m.result == 1.0
+    assert m.peak_bytes >= 0.75 * size, f"{m.peak_bytes / 2**20:.1f} MiB seen of 64 MiB ({m.method})"
+    assert m.peak_bytes < 4 * size  # no gross over-count (e.g. the whole process's RSS)
+
+
+def test_process_mode_sees_memory_outside_torch():
+    # a bytearray is Python memory, invisible to the profiler, visible in the RSS peak
+    size = 32 * 2**20
+    assert measure(lambda: len(bytearray(size))) < 2**20
+    assert measure_process(lambda: len(bytearray(size))).peak_bytes >= 0.75 * size
+
+
+def test_process_mode_is_relative_to_the_start():
+    big = torch.ones(32 * 2**20)  # noqa: F841 - 128 MiB resident before the call
+    m = measure_process(lambda: torch.ones(1024))
+    if m.method == "VmHWM":  # reset: only the call's own pages count
+        assert m.peak_bytes < 16 * 2**20
 
 
 def test_estimate_orders_the_methods_like_the_textbook():

@@ -6,6 +6,7 @@ gloo applies it to each send/receive and collective, so a dead or stuck peer tur
 """
 from __future__ import annotations
 
+import time
 from datetime import timedelta
 
 import torch
@@ -90,6 +91,33 @@ def _comm_device(group) -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
 
 
+class WaitClock:
+    """Seconds this process spends blocked in the ring's point-to-point waits while the clock runs.
+
+    For benchmarks that split a ring call's wall time into compute and communication::
+
+        with WaitClock() as clock:
+            ring_attention(q, k, v, group=g)
+        compute_s = wall_s - clock.seconds
+
+    Clocks may nest; while none runs, a wait costs one list check more. Not counted: the argument
+    check's all-gather at the start of a call.
+    """
+
+    _running: list[WaitClock] = []
+
+    def __init__(self):
+        self.seconds = 0.0
+
+    def __enter__(self) -> WaitClock:
+        WaitClock._running.append(self)
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        WaitClock._running.remove(self)
+        return False
+
+
 class _Pending:
     """Tensors in flight: ``wait()`` returns the received ones once the matching sends are done too."""
 
@@ -97,8 +125,15 @@ class _Pending:
         self.works, self.received, self.what = works, received, what
 
     def wait(self):
-        for w in self.works:
-            _wait(w, self.what)
+        t0 = time.perf_counter() if WaitClock._running else None
+        try:
+            for w in self.works:
+                _wait(w, self.what)
+        finally:
+            if t0 is not None:
+                waited = time.perf_counter() - t0
+                for clock in WaitClock._running:
+                    clock.seconds += waited
         self.works = []
         return self.received
 

@@ -117,44 +117,4 @@ def run_hf_generate_batch(hf_model, reqs, *, max_batch_tokens: int = 2048, kv_ca
     return dict(wall_s=wall, tokens=tokens, out_tokens=sum(map(len, tokens)), mean_ttft_s=ttft)
 
 
-def _status_kib(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-class ProcessPeak:
-    """Peak resident memory of this process while the ``with`` block runs, above its resident size at entry.
-
-    Linux only: the kernel's high-water mark (VmHWM) is reset at entry (``/proc/self/clear_refs`` 5) and read
-    at exit. It sees everything the process touches (PyTorch tensors, BLAS workspace, Python objects, other
-    threads), page granular, but only pages actually touched: a reserved, never written pool is not counted.
-    Measure in a fresh process: memory freed earlier but kept by the allocator hides part of a later peak.
-    ``peak_mib`` is None where the counters are unavailable.
-    """
-
-    def __enter__(self):
-        self.reset = False
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-            self.reset = True
-        except OSError:
-            pass
-        self.start_kib = _status_kib("VmRSS")
-        self.peak_mib = None
-        return self
-
-    def __exit__(self, *exc):
-        hwm = _status_kib("VmHWM")
-        if self.reset and hwm is not None and self.start_kib is not None:
-            self.peak_mib = (hwm - self.start_kib) / 1024
-        return False
-
-
-__all__ = ["make_requests", "run_engine", "run_hf_generate", "run_hf_generate_batch", "ProcessPeak"]
+__all__ = ["make_requests", "run_engine", "run_hf_generate", "run_hf_generate_batch"]

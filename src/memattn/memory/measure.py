@@ -9,6 +9,12 @@ How it measures:
   (BLAS/oneDNN internal workspace, Python objects), and tensors alive before the call.
 - CUDA tensors: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``, minus
   what was allocated before the call.
+- Whole processes (``measure_process``, in ``process.py``): the resident-memory high-water mark,
+  for workloads the profiler would slow down too much.
+
+This module is the one place that reads the profiler's memory events (through its private
+``kineto_results``: the public ``events()`` API only reports each op's net allocation, which
+misses the transient peak inside an op). Benchmarks and the CLI measure through it.
 """
 from __future__ import annotations
 
@@ -38,10 +44,12 @@ def _quiet_stderr():
 
 @dataclass(frozen=True)
 class Measurement:
-    """result: what fn returned; peak_bytes: peak bytes allocated during the call, above the start."""
+    """result: what fn returned; peak_bytes: peak bytes allocated during the call, above the start;
+    method: the counter behind peak_bytes ("profiler", "cuda", or a process counter: see ``process.py``)."""
 
     result: object
     peak_bytes: int
+    method: str = "profiler"
 
     @property
     def peak_mib(self) -> float:
@@ -52,12 +60,7 @@ def measure_call(fn, *args, device: str | torch.device = "cpu", **kwargs) -> Mea
     """Run ``fn(*args, **kwargs)`` once and return its result with the peak bytes it allocated."""
     device = torch.device(device)
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        start = torch.cuda.memory_allocated(device)
-        result = fn(*args, **kwargs)
-        torch.cuda.synchronize(device)
-        return Measurement(result, torch.cuda.max_memory_allocated(device) - start)
+        return _cuda_call(fn, args, kwargs, device)
     prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True)
     with _quiet_stderr():
         prof.start()
@@ -66,13 +69,27 @@ def measure_call(fn, *args, device: str | torch.device = "cpu", **kwargs) -> Mea
     finally:
         with _quiet_stderr():
             prof.stop()
+    return Measurement(result, _running_peak(prof))
+
+
+def _cuda_call(fn, args, kwargs, device) -> Measurement:
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    start = torch.cuda.memory_allocated(device)
+    result = fn(*args, **kwargs)
+    torch.cuda.synchronize(device)
+    return Measurement(result, torch.cuda.max_memory_allocated(device) - start, "cuda")
+
+
+def _running_peak(prof) -> int:
+    """Peak of the running sum of the profiler's allocator events (allocations +, frees -), from zero."""
     events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
                     if e.name() == "[memory]")
     current = peak = 0
     for _, nbytes in events:
         current += nbytes
         peak = max(peak, current)
-    return Measurement(result, peak)
+    return peak
 
 
 def measure(fn, *args, **kwargs) -> int:
