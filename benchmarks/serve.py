@@ -39,8 +39,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _harness import machine, print_records, record, write_json  # noqa: E402
 
 from memattn.engine.models import PRESETS  # noqa: E402
-from memattn.engine.workload import (ProcessPeak, make_requests, run_engine, run_hf_generate,  # noqa: E402
-                                     run_hf_generate_batch)
+from _hf_baselines import run_hf_generate, run_hf_generate_batch  # noqa: E402
+from memattn.engine.workload import ProcessPeak, make_requests, run_engine  # noqa: E402
 
 PRESET = "llama-30m"
 OURS = "memattn.engine"
