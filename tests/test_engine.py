@@ -117,7 +117,7 @@ def test_n_completions_respect_max_num_seqs(model):
 
     def watched():
         out = schedule()
-        sizes.append(len(llm.scheduler.running) + sum(s.params.n - 1 for s, _ in out if not s.forked))
+        sizes.append(len(llm.scheduler.running) + sum(s.params.n - 1 for s, _ in out.scheduled if not s.forked))
         return out
 
     llm.scheduler.schedule = watched

@@ -99,7 +99,6 @@ class LLM:
         self.runner = ModelRunner(self.model, self.blocks, self.cache, device)
         self._requests: dict[int, _Request] = {}
         self._ids = itertools.count()
-        self._seq_ids = itertools.count()
 
     # ---- requests ---------------------------------------------------------------------------------
 
@@ -140,7 +139,7 @@ class LLM:
             raise ValueError(f"request may grow to {longest} tokens = {need} blocks, but the KV pool has only "
                              f"{self.blocks.num_blocks}; raise kv_cache_memory or lower max_tokens")
         rid = next(self._ids)
-        seq = Sequence(next(self._seq_ids), rid, 0, list(ids), len(ids), params, make_generator(params, 0))
+        seq = Sequence(self.scheduler.new_seq_id(), rid, 0, list(ids), len(ids), params, make_generator(params, 0))
         self._requests[rid] = _Request(prompt, list(ids), params, [seq])
         self.scheduler.add(seq)
         return rid
@@ -149,22 +148,6 @@ class LLM:
         return self.scheduler.has_work()
 
     # ---- a step -----------------------------------------------------------------------------------
-
-    def _fork(self, parent: Sequence) -> list[Sequence]:
-        """After the prompt: n - 1 siblings that share its blocks (copy-on-write on their first append)."""
-        parent.forked = True
-        req = self._requests[parent.request_id]
-        kids = []
-        for i in range(1, parent.params.n):
-            kid = Sequence(next(self._seq_ids), parent.request_id, i, list(parent.token_ids), parent.prompt_len,
-                           parent.params, make_generator(parent.params, i), parent.num_computed, parent.arrival,
-                           forked=True)
-            self.blocks.fork(parent.seq_id, kid.seq_id)
-            req.seqs.append(kid)
-            kids.append(kid)
-        at = self.scheduler.running.index(parent) + 1
-        self.scheduler.running[at:at] = kids
-        return kids
 
     def _stop(self, seq: Sequence, token: int) -> str | None:
         p = seq.params
@@ -178,21 +161,17 @@ class LLM:
 
     def step(self) -> list[StreamEvent]:
         """Schedule, run the model once, sample; return the tokens produced."""
-        scheduled = self.scheduler.schedule()
-        if not scheduled:
+        plan = self.scheduler.schedule()
+        if not plan.scheduled:
             if self.scheduler.has_work():
                 raise RuntimeError("the scheduler made no progress (KV pool too small for any waiting request)")
             return []
-        logits, want = self.runner.run(scheduled)
-        for seq, n in scheduled:
-            seq.num_computed += n
-            self.blocks.mark_computed(seq.seq_id, seq.num_computed)
+        logits = self.runner.run(plan)
         seqs, rows = [], []
-        for r, i in enumerate(want):
-            seq = scheduled[i][0]
-            group = [seq] + (self._fork(seq) if seq.params.n > 1 and not seq.forked else [])
-            seqs += group
-            rows += [r] * len(group)
+        for r, (seq, *forks) in enumerate(self.scheduler.update(plan)):
+            self._requests[seq.request_id].seqs += forks
+            seqs += [seq, *forks]
+            rows += [r] * (1 + len(forks))
         logits = logits[torch.tensor(rows, dtype=torch.int64)] if rows else logits
         tokens = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
         now = time.perf_counter()
