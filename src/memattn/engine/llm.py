@@ -1,6 +1,7 @@
 """``LLM``: the offline engine front. Requests in, completions out (or streamed token by token)."""
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import time
 from dataclasses import dataclass
@@ -57,46 +58,58 @@ class _Request:
     seqs: list
 
 
+def _engine_config(config: EngineConfig | None, options: dict) -> EngineConfig:
+    """The LLM's config: the one given, or one built from keyword options (the older spelling)."""
+    if config is None:
+        names = {f.name for f in dataclasses.fields(EngineConfig)}
+        unknown = sorted(set(options) - names)
+        if unknown:
+            raise TypeError(f"unknown engine option(s) {', '.join(unknown)}; the options are EngineConfig's "
+                            f"fields: {', '.join(sorted(names))}")
+        return EngineConfig(**options)
+    if not isinstance(config, EngineConfig):
+        raise TypeError(f"config must be an EngineConfig, got {type(config).__name__}")
+    if options:
+        raise ValueError(f"engine options given twice: config=EngineConfig(...) and {', '.join(sorted(options))}; "
+                         f"put them in the config (dataclasses.replace(config, ...))")
+    return config
+
+
 class LLM:
     """An offline serving engine over the paged KV cache.
 
     Args:
         model: a local Hugging Face folder, a preset name (``memattn.engine.models.PRESETS``), a HF config
             dict, a ``ModelConfig`` (random weights), or a model built by ``memattn.engine.models``.
-        block_size, kv_cache_memory (bytes), num_kv_blocks (overrides kv_cache_memory), max_num_seqs,
-        max_num_batched_tokens, max_model_len, enable_prefix_caching, preemption ("recompute" | "swap"),
-        swap_space (bytes of host tier for "swap"): see ``EngineConfig``.
+        config: an ``EngineConfig``: every engine option (pool, budgets, preemption, dtype, device, seed).
         tokenizer: anything with encode(str) -> ids and decode(ids) -> str; default: the folder's
             tokenizer.json, or bytes for random models.
+        **options: instead of `config`, its fields as keywords (``LLM(path, num_kv_blocks=64)``), the rest
+            at their defaults. Giving both is a ValueError; an unknown name a TypeError.
     """
 
-    def __init__(self, model, *, block_size: int = 16, kv_cache_memory: int = 256 << 20,
-                 num_kv_blocks: int | None = None, max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
-                 max_model_len: int | None = None, enable_prefix_caching: bool = True,
-                 preemption: str = "recompute", swap_space: int = 256 << 20, dtype=torch.float32,
-                 device="cpu", seed: int = 0, tokenizer=None):
-        self.config = EngineConfig(block_size, kv_cache_memory, num_kv_blocks, max_num_seqs, max_num_batched_tokens,
-                                   max_model_len, enable_prefix_caching, preemption, swap_space)
+    def __init__(self, model, config: EngineConfig | None = None, *, tokenizer=None, **options):
+        self.config = c = _engine_config(config, options)
         if isinstance(model, torch.nn.Module):
             if not isinstance(getattr(model, "config", None), ModelConfig):
                 raise TypeError("a model object must come from memattn.engine.models (its .config a ModelConfig)")
             self.model, self.model_config, tok = model.eval(), model.config, None
         else:
-            self.model, self.model_config, tok = load_model(model, dtype=dtype, device=device, seed=seed)
+            self.model, self.model_config, tok = load_model(model, dtype=c.dtype, device=c.device, seed=c.seed)
         self.tokenizer = tokenizer if tokenizer is not None else tok
         mc = self.model_config
         dtype = next(self.model.parameters()).dtype
-        per_block = 2 * mc.num_layers * block_size * mc.num_kv_heads * mc.head_dim * dtype.itemsize
-        num_blocks = num_kv_blocks or kv_cache_memory // per_block
+        per_block = 2 * mc.num_layers * c.block_size * mc.num_kv_heads * mc.head_dim * dtype.itemsize
+        num_blocks = c.num_kv_blocks or c.kv_cache_memory // per_block
         if num_blocks < 1:
-            raise ValueError(f"kv_cache_memory {kv_cache_memory} bytes holds no block ({per_block} bytes each)")
-        self.max_model_len = min(mc.max_position_embeddings, max_model_len or mc.max_position_embeddings)
-        self.blocks = BlockManager(num_blocks, block_size, enable_prefix_caching=enable_prefix_caching)
-        swap_blocks = swap_space // per_block if preemption == "swap" else 0
-        self.cache = PagedKVCache(mc.num_layers, num_blocks, block_size, mc.num_kv_heads, mc.head_dim,
-                                  dtype=dtype, device=device, swap_blocks=swap_blocks)
+            raise ValueError(f"kv_cache_memory {c.kv_cache_memory} bytes holds no block ({per_block} bytes each)")
+        self.max_model_len = min(mc.max_position_embeddings, c.max_model_len or mc.max_position_embeddings)
+        self.blocks = BlockManager(num_blocks, c.block_size, enable_prefix_caching=c.enable_prefix_caching)
+        swap_blocks = c.swap_space // per_block if c.preemption == "swap" else 0
+        self.cache = PagedKVCache(mc.num_layers, num_blocks, c.block_size, mc.num_kv_heads, mc.head_dim,
+                                  dtype=dtype, device=c.device, swap_blocks=swap_blocks)
         self.scheduler = Scheduler(self.config, self.blocks, self.cache)
-        self.runner = ModelRunner(self.model, self.blocks, self.cache, device)
+        self.runner = ModelRunner(self.model, self.blocks, self.cache, c.device)
         self._requests: dict[int, _Request] = {}
         self._ids = itertools.count()
 
