@@ -225,17 +225,23 @@ def test_stream_and_stop_tokens():
 
 
 def test_cli_generate(capsys):
+    """The deprecated --kv-blocks and the engine group's --num-kv-blocks run the same engine."""
     from memattn.cli import main
 
-    assert main(["generate", "--random", "tiny-llama", "--prompt", "Hello", "--max-tokens", "5",
-                 "--kv-blocks", "8"]) == 0
-    assert "5 tokens" in capsys.readouterr().err
+    texts = []
+    for pool in (["--kv-blocks", "8"], ["--num-kv-blocks", "8", "--block-size", "16"]):
+        assert main(["generate", "--random", "tiny-llama", "--prompt", "Hello", "--max-tokens", "5"] + pool) == 0
+        captured = capsys.readouterr()
+        assert "5 tokens" in captured.err
+        texts.append(captured.out)
+    assert texts[0] == texts[1]
 
 
-def test_cli_bench_serve(capsys):
+@pytest.mark.parametrize("engine", [["--kv-mib", "1"], ["--kv-cache-memory", "1MiB", "--preemption", "swap"]])
+def test_cli_bench_serve(engine, capsys):
     from memattn.cli import main
 
     assert main(["bench-serve", "--model", "tiny-llama", "--num-requests", "3", "--max-prompt", "40",
-                 "--max-output", "20", "--max-num-batched-tokens", "32", "--kv-mib", "1"]) == 0
+                 "--max-output", "20", "--max-num-batched-tokens", "32"] + engine) == 0
     out = capsys.readouterr().out
     assert "output tokens/s" in out and "mean TTFT s" in out
