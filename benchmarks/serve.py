@@ -42,7 +42,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _harness import machine, parser, print_records, record, wants, write_json  # noqa: E402
 
 from memattn.engine.models import PRESETS  # noqa: E402
-from memattn.engine.workload import make_requests, run_engine, run_hf_generate, run_hf_generate_batch  # noqa: E402
+from _hf_baselines import run_hf_generate, run_hf_generate_batch  # noqa: E402
+from memattn.engine.workload import make_requests, run_engine  # noqa: E402
 from memattn.memory import measure_process  # noqa: E402
 
 PRESET = "llama-30m"

@@ -95,6 +95,25 @@ def test_paged_swap_out_and_in(tmp_path, mmap):
         _pool().swap_out([0])
 
 
+def test_paged_swap_out_into_reserved_slots():
+    """A planner reserves slots first (they stop counting as free); the copy into them comes later."""
+    pool = _pool(swap_blocks=3)
+    pool.kv.copy_(torch.randn(pool.kv.shape, dtype=torch.float64))
+    slots = pool.reserve_swap(2)
+    assert pool.num_free_swap_slots == 1
+    with pytest.raises(RuntimeError, match="swap space full"):
+        pool.reserve_swap(2)
+    free = (set(range(3)) - set(slots)).pop()
+    with pytest.raises(ValueError, match="hold nothing"):
+        pool.swap_out([1], [free])
+    with pytest.raises(ValueError, match="2 swap slots for 1 blocks"):
+        pool.swap_out([1], slots)
+    saved = pool.kv[:, :, [4, 1]].clone()
+    assert pool.swap_out([4, 1], slots) == slots
+    pool.swap_in(slots, [0, 2])
+    assert torch.equal(pool.kv[:, :, [0, 2]], saved) and pool.num_free_swap_slots == 3
+
+
 def test_hugepage_pool_is_zeros():
     """The pool allocator gives zeros of the asked shape and dtype whether or not the OS grants huge pages."""
     from memattn.cache import hugepages

@@ -1,11 +1,17 @@
-"""The command line: compare (the main job), masks show, favor sweep."""
+"""The command line: compare (the main job), masks show, favor sweep, the engine's shared argument group."""
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import json
+import re
 
 import pytest
+import torch
 
 from memattn import cli, mask_spec, masks
+from memattn.engine import EngineConfig
+from memattn.engine.args import engine_config_from_args, parse_bytes
 
 
 def test_compare_prints_table_and_writes_json_and_plot(tmp_path, capsys):
@@ -77,3 +83,80 @@ def test_favor_sweep_plot(argv, tmp_path, capsys):
     assert errors[-1] < errors[0]  # more features, less error
     assert png.stat().st_size > 1000
     assert ("deprecated" in captured.err) == (argv[0] == "compare")
+
+
+# ---- the engine's argument group (generate, bench-serve) ------------------------------------------------
+
+COMMANDS = {"generate": ["generate", "--random", "tiny-llama", "--prompt", "hi"], "bench-serve": ["bench-serve"]}
+# Every EngineConfig field: its flag, a value to type, the value it must give (a new field must join the table)
+ENGINE_FLAGS = {
+    "block_size": (["--block-size", "8"], 8),
+    "kv_cache_memory": (["--kv-cache-memory", "3MiB"], 3 << 20),
+    "num_kv_blocks": None,  # excludes --kv-cache-memory: its own test below
+    "max_num_seqs": (["--max-num-seqs", "3"], 3),
+    "max_num_batched_tokens": (["--max-num-batched-tokens", "64"], 64),
+    "max_model_len": (["--max-model-len", "128"], 128),
+    "enable_prefix_caching": (["--no-enable-prefix-caching"], False),
+    "preemption": (["--preemption", "swap"], "swap"),
+    "swap_space": (["--swap-space", "2GiB"], 2 << 30),
+    "dtype": (["--dtype", "bfloat16"], torch.bfloat16),
+    "device": (["--device", "cpu"], torch.device("cpu")),
+    "seed": (["--model-seed", "7"], 7),
+}
+
+
+def _config(argv):
+    return engine_config_from_args(cli.build_parser().parse_args(argv))
+
+
+def test_engine_flags_cover_every_field_and_commands_share_them():
+    assert set(ENGINE_FLAGS) == {f.name for f in dataclasses.fields(EngineConfig)}
+    flags = [a for v in ENGINE_FLAGS.values() if v for a in v[0]]
+    want = EngineConfig(**{name: v[1] for name, v in ENGINE_FLAGS.items() if v})
+    for command in COMMANDS.values():
+        assert _config(command + flags) == want
+        assert _config(command + ["--num-kv-blocks", "12"]).num_kv_blocks == 12
+
+
+def test_engine_defaults_per_command():
+    """generate keeps its 256-block pool, bench-serve its 256 MiB; giving the pool's size either way
+    replaces the command's default."""
+    assert _config(COMMANDS["generate"]) == EngineConfig(num_kv_blocks=256)
+    assert _config(COMMANDS["bench-serve"]) == EngineConfig(kv_cache_memory=256 << 20)
+    assert _config(COMMANDS["generate"] + ["--kv-cache-memory", "1MiB"]) == EngineConfig(kv_cache_memory=1 << 20)
+
+
+def test_deprecated_pool_flags_still_work(capsys):
+    for command in COMMANDS.values():
+        assert _config(command + ["--kv-mib", "3"]) == EngineConfig(kv_cache_memory=3 << 20)
+        assert _config(command + ["--kv-blocks", "5"]) == EngineConfig(num_kv_blocks=5)
+        for both in (["--kv-mib", "1", "--kv-cache-memory", "1MiB"], ["--kv-blocks", "4", "--kv-cache-memory", "1MiB"],
+                     ["--num-kv-blocks", "4", "--kv-cache-memory", "1MiB"]):
+            with pytest.raises(SystemExit):
+                _config(command + both)
+            assert "not allowed with" in capsys.readouterr().err
+        with pytest.raises(SystemExit):
+            cli.main([command[0], "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        assert "--kv-mib N deprecated alias: use --kv-cache-memory" in text
+        assert "--kv-blocks N deprecated alias: use --num-kv-blocks" in text
+
+
+@pytest.mark.parametrize("bad, message", [(["--block-size", "0"], "block_size must be"),
+                                          (["--kv-mib", "0"], "kv_cache_memory must be"),
+                                          (["--kv-cache-memory", "256MB"], "binary unit|unit in"),
+                                          (["--dtype", "int8"], "invalid choice"),
+                                          (["--device", "gpu0"], "not a torch device"),
+                                          (["--max-num-seqs", "two"], "invalid int value")])
+def test_engine_flags_validated_as_parsed(bad, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        _config(COMMANDS["bench-serve"] + bad)
+    assert e.value.code == 2
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_parse_bytes():
+    assert [parse_bytes(t) for t in ("4096", "256MiB", "1GiB", "2 KiB", "7B")] == [4096, 256 << 20, 1 << 30, 2048, 7]
+    for bad in ("1.5GiB", "256MB", "256mib", "-1", "MiB", ""):
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse_bytes(bad)

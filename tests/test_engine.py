@@ -14,7 +14,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
 
-from memattn.engine import LLM, SamplingParams  # noqa: E402
+from memattn.engine import LLM, EngineConfig, SamplingParams  # noqa: E402
 from memattn.engine.models import PRESETS  # noqa: E402
 
 ARCHS = ["tiny-llama", "tiny-llama3", "tiny-mistral", "tiny-qwen2", "tiny-gpt2"]
@@ -117,7 +117,7 @@ def test_n_completions_respect_max_num_seqs(model):
 
     def watched():
         out = schedule()
-        sizes.append(len(llm.scheduler.running) + sum(s.params.n - 1 for s, _ in out if not s.forked))
+        sizes.append(len(llm.scheduler.running) + sum(s.params.n - 1 for s, _ in out.scheduled if not s.forked))
         return out
 
     llm.scheduler.schedule = watched
@@ -173,6 +173,38 @@ def test_engine_config_validated():
         LLM("tiny-llama", preemption="drop")
     with pytest.raises(ValueError, match="block_size"):
         LLM("tiny-llama", block_size=0)
+    for bad in (dict(dtype="int8"), dict(dtype=torch.int32), dict(device="gpu0"), dict(seed=1.5),
+                dict(num_kv_blocks=0)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            EngineConfig(**bad)
+    with pytest.raises(TypeError, match="dtype"):
+        EngineConfig(dtype=16)
+    assert EngineConfig(dtype="bfloat16", device="cpu") == EngineConfig(dtype=torch.bfloat16,
+                                                                         device=torch.device("cpu"))
+
+
+def test_llm_takes_engine_config():
+    """LLM(model, config) and LLM(model, config=...) use the config as given; the older keywords build the
+    same config; dtype, device and seed reach the model and the pool."""
+    config = EngineConfig(block_size=4, num_kv_blocks=8, max_num_seqs=3, dtype="bfloat16", seed=1)
+    llm = LLM("tiny-llama", config)
+    assert llm.config is config and LLM("tiny-llama", config=config).config is config
+    assert LLM("tiny-llama", block_size=4, num_kv_blocks=8, max_num_seqs=3, dtype=torch.bfloat16,
+               seed=1).config == config
+    assert llm.blocks.num_blocks == 8 and llm.blocks.block_size == 4 and llm.cache.kv.shape[3] == 4
+    assert llm.cache.kv.dtype == torch.bfloat16 and next(llm.model.parameters()).dtype == torch.bfloat16
+    seeded = [next(LLM("tiny-llama", num_kv_blocks=8, seed=s).model.parameters()) for s in (0, 1, 1)]
+    assert not torch.equal(seeded[0], seeded[1]) and torch.equal(seeded[1], seeded[2])
+
+
+def test_llm_rejects_config_and_options_together():
+    config = EngineConfig(num_kv_blocks=8)
+    with pytest.raises(ValueError, match="given twice.*num_kv_blocks"):
+        LLM("tiny-llama", config, num_kv_blocks=16)
+    with pytest.raises(TypeError, match="unknown engine option.*kv_blocks"):
+        LLM("tiny-llama", kv_blocks=8)
+    with pytest.raises(TypeError, match="EngineConfig"):
+        LLM("tiny-llama", {"num_kv_blocks": 8})
 
 
 def test_stream_and_stop_tokens():
@@ -193,17 +225,23 @@ def test_stream_and_stop_tokens():
 
 
 def test_cli_generate(capsys):
+    """The deprecated --kv-blocks and the engine group's --num-kv-blocks run the same engine."""
     from memattn.cli import main
 
-    assert main(["generate", "--random", "tiny-llama", "--prompt", "Hello", "--max-tokens", "5",
-                 "--kv-blocks", "8"]) == 0
-    assert "5 tokens" in capsys.readouterr().err
+    texts = []
+    for pool in (["--kv-blocks", "8"], ["--num-kv-blocks", "8", "--block-size", "16"]):
+        assert main(["generate", "--random", "tiny-llama", "--prompt", "Hello", "--max-tokens", "5"] + pool) == 0
+        captured = capsys.readouterr()
+        assert "5 tokens" in captured.err
+        texts.append(captured.out)
+    assert texts[0] == texts[1]
 
 
-def test_cli_bench_serve(capsys):
+@pytest.mark.parametrize("engine", [["--kv-mib", "1"], ["--kv-cache-memory", "1MiB", "--preemption", "swap"]])
+def test_cli_bench_serve(engine, capsys):
     from memattn.cli import main
 
     assert main(["bench-serve", "--model", "tiny-llama", "--num-requests", "3", "--max-prompt", "40",
-                 "--max-output", "20", "--max-num-batched-tokens", "32", "--kv-mib", "1"]) == 0
+                 "--max-output", "20", "--max-num-batched-tokens", "32"] + engine) == 0
     out = capsys.readouterr().out
     assert "output tokens/s" in out and "mean TTFT s" in out

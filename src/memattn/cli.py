@@ -177,8 +177,9 @@ DEFAULT_SEQ_LENS = [1024, 2048, 4096, 8192]
 
 def cmd_generate(args) -> int:
     from .engine import LLM, SamplingParams
+    from .engine.args import engine_config_from_args
 
-    llm = LLM(args.model or args.random, num_kv_blocks=args.kv_blocks)
+    llm = LLM(args.model or args.random, engine_config_from_args(args))
     params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                             max_tokens=args.max_tokens)
     out = llm.generate([args.prompt], params)[0]
@@ -194,10 +195,10 @@ def cmd_generate(args) -> int:
 
 def cmd_bench_serve(args) -> int:
     from .engine import LLM
+    from .engine.args import engine_config_from_args
     from .engine.workload import make_requests, run_engine
 
-    llm = LLM(args.model or "llama-30m", max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-              block_size=args.block_size, kv_cache_memory=args.kv_mib << 20)
+    llm = LLM(args.model or "llama-30m", engine_config_from_args(args))
     reqs = make_requests(args.num_requests, seed=args.seed, prompt_lens=(16, args.max_prompt),
                          output_lens=(16, args.max_output), vocab=llm.model_config.vocab_size)
     with _Progress(args.num_requests, "requests") as bar:
@@ -219,6 +220,8 @@ def cmd_bench_serve(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .engine.args import add_engine_args
+
     p = argparse.ArgumentParser(prog="memattn", description="Memory-efficient attention: measure and run.")
     sub = p.add_subparsers(dest="command", required=True)
     c = sub.add_parser("compare", help="the memory table (standard / checkpoint / blockwise / window / linear), "
@@ -261,20 +264,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument("--top-k", type=int, default=-1)
     g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--seed", type=int, default=None)
-    g.add_argument("--kv-blocks", type=_positive, default=256)
+    g.add_argument("--seed", type=int, default=None, help="sampling seed")
+    add_engine_args(g, num_kv_blocks=256)
     g.set_defaults(func=cmd_generate)
     b = sub.add_parser("bench-serve", help="the serve workload through the engine (progress bar, summary table)")
     b.add_argument("--model", default=None, help="folder or preset (default llama-30m, random)")
     b.add_argument("--num-requests", type=_positive, default=64)
     b.add_argument("--max-prompt", type=_positive, default=512)
     b.add_argument("--max-output", type=_positive, default=256)
-    b.add_argument("--max-num-seqs", type=_positive, default=64)
-    b.add_argument("--max-num-batched-tokens", type=_positive, default=2048, help="token budget per step")
-    b.add_argument("--block-size", type=_positive, default=16,
-                   help="tokens per KV block (LLM's default)")
-    b.add_argument("--kv-mib", type=_positive, default=256, help="KV pool size in MiB")
-    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--seed", type=int, default=0, help="seed of the workload (prompts and lengths)")
+    add_engine_args(b)
     b.set_defaults(func=cmd_bench_serve)
     return p
 

@@ -101,24 +101,42 @@ class PagedKVCache:
         """Slots of the second tier free for ``swap_out`` (0 without one)."""
         return len(self._swap_free)
 
+    def _check_taken(self, slots) -> None:
+        """Raise unless every slot holds (or is reserved for) swapped-out data, each named once."""
+        taken = set(range(0 if self.swap is None else self.swap.shape[2])) - set(self._swap_free)
+        if not set(slots) <= taken or len(set(slots)) != len(slots):
+            raise ValueError(f"swap slots {sorted(set(slots) - taken)} hold nothing (or repeat)")
+
     def release_swap(self, slots) -> None:
         """Drop swapped-out data that will not be swapped in (its sequence was aborted): the slots become free."""
         slots = list(slots)
-        total = 0 if self.swap is None else self.swap.shape[2]
-        taken = set(range(total)) - set(self._swap_free)
-        if not set(slots) <= taken or len(set(slots)) != len(slots):
-            raise ValueError(f"swap slots {sorted(set(slots) - taken)} hold nothing (or repeat)")
+        self._check_taken(slots)
         self._swap_free.extend(slots)
 
-    def swap_out(self, blocks) -> list[int]:
-        """Copy blocks to the second tier; return the swap slots that now hold them (for ``swap_in``).
-        The blocks themselves may be reused by the caller afterwards."""
+    def reserve_swap(self, num: int) -> list[int]:
+        """Take `num` free slots of the second tier for a later ``swap_out(blocks, slots)``.
+
+        A scheduler reserves while it plans a step (so a second swap-out in the same plan sees the first's
+        slots gone); the copy itself happens when the plan is applied, before the step runs.
+        """
         if self.swap is None:
             raise RuntimeError("this cache has no second tier (swap_blocks=0)")
+        if num > len(self._swap_free):
+            raise RuntimeError(f"swap space full: {num} blocks asked, {len(self._swap_free)} slots free")
+        slots, self._swap_free = self._swap_free[:num], self._swap_free[num:]
+        return slots
+
+    def swap_out(self, blocks, slots=None) -> list[int]:
+        """Copy blocks to the second tier; return the swap slots that now hold them (for ``swap_in``).
+        slots: from ``reserve_swap`` (one per block); None reserves them here.
+        The blocks themselves may be reused by the caller afterwards."""
         blocks = list(blocks)
-        if len(blocks) > len(self._swap_free):
-            raise RuntimeError(f"swap space full: {len(blocks)} blocks asked, {len(self._swap_free)} slots free")
-        slots, self._swap_free = self._swap_free[:len(blocks)], self._swap_free[len(blocks):]
+        if slots is None:
+            slots = self.reserve_swap(len(blocks))
+        slots = list(slots)
+        if len(slots) != len(blocks):
+            raise ValueError(f"{len(slots)} swap slots for {len(blocks)} blocks")
+        self._check_taken(slots)
         data = self.kv[:, :, _as_index(blocks, self.kv.device)]
         self.swap[:, :, _as_index(slots, "cpu")] = data.to("cpu", non_blocking=self.swap.is_pinned())
         if self.kv.device.type == "cuda":
@@ -132,9 +150,7 @@ class PagedKVCache:
         slots, blocks = list(slots), list(blocks)
         if len(slots) != len(blocks):
             raise ValueError(f"{len(slots)} swap slots for {len(blocks)} blocks")
-        taken = set(range(self.swap.shape[2])) - set(self._swap_free)
-        if not set(slots) <= taken:
-            raise ValueError(f"swap slots {sorted(set(slots) - taken)} hold nothing")
+        self._check_taken(slots)
         data = self.swap[:, :, _as_index(slots, "cpu")]
         self.kv[:, :, _as_index(blocks, self.kv.device)] = data.to(self.kv.device, non_blocking=True)
         self._swap_free.extend(slots)

@@ -5,8 +5,11 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
+import torch
+
 ARCHS = ("llama", "gpt2")
 PREEMPTION = ("recompute", "swap")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 
 def _check_int(name, value, low=1, allow_none=False):
@@ -76,33 +79,75 @@ class ModelConfig:
         return self.windows[layer] if self.windows else None
 
 
+def _option(default, help: str, **cli):
+    """An ``EngineConfig`` field; `help` (one line) and `cli` (unit="bytes", flag="--name") tell
+    ``memattn.engine.args`` how to offer it on the command line."""
+    return field(default=default, metadata=dict(help=help, **cli))
+
+
+def _dtype(value) -> torch.dtype:
+    if isinstance(value, str) and value in DTYPES:
+        return DTYPES[value]
+    if isinstance(value, torch.dtype) and value in DTYPES.values():
+        return value
+    if not isinstance(value, (str, torch.dtype)):
+        raise TypeError(f"dtype must be a torch dtype or its name, got {type(value).__name__}")
+    raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {value!r}")
+
+
+def _device(value) -> torch.device:
+    if not isinstance(value, (str, torch.device)):
+        raise TypeError(f"device must be a string or a torch.device, got {type(value).__name__}")
+    try:
+        return torch.device(value)
+    except RuntimeError:
+        raise ValueError(f"device {value!r} is not a torch device (cpu, cuda, cuda:1, ...)") from None
+
+
 @dataclass(frozen=True)
 class EngineConfig:
-    """Budgets of the engine.
+    """Every option of the engine, validated (``LLM(model, config)``).
 
-    block_size: tokens per KV block. kv_cache_memory: bytes of the KV pool (or num_kv_blocks to give the
-    count directly). max_num_seqs: running sequences at most. max_num_batched_tokens: tokens per step
-    (prefill chunks and decodes together). preemption: "recompute" (free and re-prefill) or "swap"
-    (copy blocks to a host tier of swap_space bytes).
+    block_size: tokens per KV block. kv_cache_memory: bytes of the KV pool, or num_kv_blocks to give its
+    size in blocks instead (it wins when set). max_num_seqs: running sequences at most (a request with n
+    completions counts n). max_num_batched_tokens: tokens per step (prefill chunks and decodes together).
+    max_model_len: prompt + output tokens at most; None: the model's max_position_embeddings.
+    enable_prefix_caching: reuse the KV of full blocks an earlier prompt computed. preemption: "recompute"
+    (free and re-prefill) or "swap" (copy blocks to a host tier of swap_space bytes).
+    dtype: of the weights and the KV pool, a torch dtype or its name (float32, bfloat16, float16, float64);
+    after validation always a torch dtype. A model object given to ``LLM`` keeps its own dtype.
+    device: of the model and the pool ("cpu", "cuda:0", ...), a torch.device after validation.
+    seed: of the random weights of a preset, HF config dict or ModelConfig (a checkpoint ignores it).
+
+    Each field's ``metadata["help"]`` is its command-line help (``memattn.engine.args.add_engine_args``).
     """
 
-    block_size: int = 16
-    kv_cache_memory: int = 256 << 20
-    num_kv_blocks: int | None = None
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 2048
-    max_model_len: int | None = None
-    enable_prefix_caching: bool = True
-    preemption: str = "recompute"
-    swap_space: int = 256 << 20
+    block_size: int = _option(16, "tokens per KV block")
+    kv_cache_memory: int = _option(256 << 20, "size of the KV pool", unit="bytes")
+    num_kv_blocks: int | None = _option(None, "size of the KV pool in blocks (instead of --kv-cache-memory)")
+    max_num_seqs: int = _option(64, "running sequences at most (a request with n completions counts n)")
+    max_num_batched_tokens: int = _option(2048, "token budget per step (prefill chunks and decodes together)")
+    max_model_len: int | None = _option(None, "prompt + output tokens at most (default: the model's limit)")
+    enable_prefix_caching: bool = _option(True, "reuse the KV of full blocks earlier prompts computed")
+    preemption: str = _option("recompute", "when the pool is full: free and re-prefill, or swap to host memory",
+                              choices=PREEMPTION)
+    swap_space: int = _option(256 << 20, "host tier for --preemption swap", unit="bytes")
+    dtype: torch.dtype = _option(torch.float32, "dtype of the weights and the KV pool", choices=tuple(DTYPES))
+    device: torch.device = _option(torch.device("cpu"), "device of the model and the KV pool")
+    seed: int = _option(0, "seed of random weights (presets, configs; a checkpoint ignores it)",
+                        flag="--model-seed")
 
     def __post_init__(self):
         for name in ("block_size", "kv_cache_memory", "max_num_seqs", "max_num_batched_tokens", "swap_space"):
             _check_int(name, getattr(self, name))
         _check_int("num_kv_blocks", self.num_kv_blocks, allow_none=True)
         _check_int("max_model_len", self.max_model_len, allow_none=True)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):  # any int: torch takes negative seeds
+            raise ValueError(f"seed must be an int, got {self.seed!r}")
         if self.preemption not in PREEMPTION:
             raise ValueError(f"preemption must be one of {PREEMPTION}, got {self.preemption!r}")
+        object.__setattr__(self, "dtype", _dtype(self.dtype))
+        object.__setattr__(self, "device", _device(self.device))
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,7 @@
 """``LLM``: the offline engine front. Requests in, completions out (or streamed token by token)."""
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import time
 from dataclasses import dataclass
@@ -57,49 +58,60 @@ class _Request:
     seqs: list
 
 
+def _engine_config(config: EngineConfig | None, options: dict) -> EngineConfig:
+    """The LLM's config: the one given, or one built from keyword options (the older spelling)."""
+    if config is None:
+        names = {f.name for f in dataclasses.fields(EngineConfig)}
+        unknown = sorted(set(options) - names)
+        if unknown:
+            raise TypeError(f"unknown engine option(s) {', '.join(unknown)}; the options are EngineConfig's "
+                            f"fields: {', '.join(sorted(names))}")
+        return EngineConfig(**options)
+    if not isinstance(config, EngineConfig):
+        raise TypeError(f"config must be an EngineConfig, got {type(config).__name__}")
+    if options:
+        raise ValueError(f"engine options given twice: config=EngineConfig(...) and {', '.join(sorted(options))}; "
+                         f"put them in the config (dataclasses.replace(config, ...))")
+    return config
+
+
 class LLM:
     """An offline serving engine over the paged KV cache.
 
     Args:
         model: a local Hugging Face folder, a preset name (``memattn.engine.models.PRESETS``), a HF config
             dict, a ``ModelConfig`` (random weights), or a model built by ``memattn.engine.models``.
-        block_size, kv_cache_memory (bytes), num_kv_blocks (overrides kv_cache_memory), max_num_seqs,
-        max_num_batched_tokens, max_model_len, enable_prefix_caching, preemption ("recompute" | "swap"),
-        swap_space (bytes of host tier for "swap"): see ``EngineConfig``.
+        config: an ``EngineConfig``: every engine option (pool, budgets, preemption, dtype, device, seed).
         tokenizer: anything with encode(str) -> ids and decode(ids) -> str; default: the folder's
             tokenizer.json, or bytes for random models.
+        **options: instead of `config`, its fields as keywords (``LLM(path, num_kv_blocks=64)``), the rest
+            at their defaults. Giving both is a ValueError; an unknown name a TypeError.
     """
 
-    def __init__(self, model, *, block_size: int = 16, kv_cache_memory: int = 256 << 20,
-                 num_kv_blocks: int | None = None, max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
-                 max_model_len: int | None = None, enable_prefix_caching: bool = True,
-                 preemption: str = "recompute", swap_space: int = 256 << 20, dtype=torch.float32,
-                 device="cpu", seed: int = 0, tokenizer=None):
-        self.config = EngineConfig(block_size, kv_cache_memory, num_kv_blocks, max_num_seqs, max_num_batched_tokens,
-                                   max_model_len, enable_prefix_caching, preemption, swap_space)
+    def __init__(self, model, config: EngineConfig | None = None, *, tokenizer=None, **options):
+        self.config = c = _engine_config(config, options)
         if isinstance(model, torch.nn.Module):
             if not isinstance(getattr(model, "config", None), ModelConfig):
                 raise TypeError("a model object must come from memattn.engine.models (its .config a ModelConfig)")
             self.model, self.model_config, tok = model.eval(), model.config, None
         else:
-            self.model, self.model_config, tok = load_model(model, dtype=dtype, device=device, seed=seed)
+            self.model, self.model_config, tok = load_model(model, dtype=c.dtype, device=c.device, seed=c.seed)
         self.tokenizer = tokenizer if tokenizer is not None else tok
         mc = self.model_config
         dtype = next(self.model.parameters()).dtype
-        per_block = 2 * mc.num_layers * block_size * mc.num_kv_heads * mc.head_dim * dtype.itemsize
-        num_blocks = num_kv_blocks or kv_cache_memory // per_block
+        per_block = 2 * mc.num_layers * c.block_size * mc.num_kv_heads * mc.head_dim * dtype.itemsize
+        num_blocks = c.num_kv_blocks or c.kv_cache_memory // per_block
         if num_blocks < 1:
-            raise ValueError(f"kv_cache_memory {kv_cache_memory} bytes holds no block ({per_block} bytes each)")
-        self.max_model_len = min(mc.max_position_embeddings, max_model_len or mc.max_position_embeddings)
-        self.blocks = BlockManager(num_blocks, block_size, enable_prefix_caching=enable_prefix_caching)
-        swap_blocks = swap_space // per_block if preemption == "swap" else 0
-        self.cache = PagedKVCache(mc.num_layers, num_blocks, block_size, mc.num_kv_heads, mc.head_dim,
-                                  dtype=dtype, device=device, swap_blocks=swap_blocks)
+            raise ValueError(f"kv_cache_memory {c.kv_cache_memory} bytes holds no block ({per_block} bytes each)")
+        self.max_model_len = min(mc.max_position_embeddings, c.max_model_len or mc.max_position_embeddings)
+        self.blocks = BlockManager(num_blocks, c.block_size, enable_prefix_caching=c.enable_prefix_caching)
+        swap_blocks = c.swap_space // per_block if c.preemption == "swap" else 0
+        self.cache = PagedKVCache(mc.num_layers, num_blocks, c.block_size, mc.num_kv_heads, mc.head_dim,
+                                  dtype=dtype, device=c.device, swap_blocks=swap_blocks)
         self.scheduler = Scheduler(self.config, self.blocks, self.cache)
-        self.runner = ModelRunner(self.model, self.blocks, self.cache, device)
+        self.runner = ModelRunner(self.model, self.blocks, self.cache, c.device)
         self._requests: dict[int, _Request] = {}
         self._ids = itertools.count()
-        self._seq_ids = itertools.count()
 
     # ---- requests ---------------------------------------------------------------------------------
 
@@ -140,7 +152,7 @@ class LLM:
             raise ValueError(f"request may grow to {longest} tokens = {need} blocks, but the KV pool has only "
                              f"{self.blocks.num_blocks}; raise kv_cache_memory or lower max_tokens")
         rid = next(self._ids)
-        seq = Sequence(next(self._seq_ids), rid, 0, list(ids), len(ids), params, make_generator(params, 0))
+        seq = Sequence(self.scheduler.new_seq_id(), rid, 0, list(ids), len(ids), params, make_generator(params, 0))
         self._requests[rid] = _Request(prompt, list(ids), params, [seq])
         self.scheduler.add(seq)
         return rid
@@ -149,22 +161,6 @@ class LLM:
         return self.scheduler.has_work()
 
     # ---- a step -----------------------------------------------------------------------------------
-
-    def _fork(self, parent: Sequence) -> list[Sequence]:
-        """After the prompt: n - 1 siblings that share its blocks (copy-on-write on their first append)."""
-        parent.forked = True
-        req = self._requests[parent.request_id]
-        kids = []
-        for i in range(1, parent.params.n):
-            kid = Sequence(next(self._seq_ids), parent.request_id, i, list(parent.token_ids), parent.prompt_len,
-                           parent.params, make_generator(parent.params, i), parent.num_computed, parent.arrival,
-                           forked=True)
-            self.blocks.fork(parent.seq_id, kid.seq_id)
-            req.seqs.append(kid)
-            kids.append(kid)
-        at = self.scheduler.running.index(parent) + 1
-        self.scheduler.running[at:at] = kids
-        return kids
 
     def _stop(self, seq: Sequence, token: int) -> str | None:
         p = seq.params
@@ -178,21 +174,17 @@ class LLM:
 
     def step(self) -> list[StreamEvent]:
         """Schedule, run the model once, sample; return the tokens produced."""
-        scheduled = self.scheduler.schedule()
-        if not scheduled:
+        plan = self.scheduler.schedule()
+        if not plan.scheduled:
             if self.scheduler.has_work():
                 raise RuntimeError("the scheduler made no progress (KV pool too small for any waiting request)")
             return []
-        logits, want = self.runner.run(scheduled)
-        for seq, n in scheduled:
-            seq.num_computed += n
-            self.blocks.mark_computed(seq.seq_id, seq.num_computed)
+        logits = self.runner.run(plan)
         seqs, rows = [], []
-        for r, i in enumerate(want):
-            seq = scheduled[i][0]
-            group = [seq] + (self._fork(seq) if seq.params.n > 1 and not seq.forked else [])
-            seqs += group
-            rows += [r] * len(group)
+        for r, (seq, *forks) in enumerate(self.scheduler.update(plan)):
+            self._requests[seq.request_id].seqs += forks
+            seqs += [seq, *forks]
+            rows += [r] * (1 + len(forks))
         logits = logits[torch.tensor(rows, dtype=torch.int64)] if rows else logits
         tokens = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
         now = time.perf_counter()

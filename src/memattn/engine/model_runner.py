@@ -1,21 +1,35 @@
-"""The model runner: turns a scheduled step into one packed forward pass over the paged pool."""
+"""The model runner: applies a step plan's block moves, then runs it as one packed forward pass over the
+paged pool."""
 from __future__ import annotations
 
 import torch
 
 from ..cache import BlockManager, PagedKVCache
 from .models import StepBatch
+from .scheduler import StepPlan
+
+
+def apply_plan(cache: PagedKVCache, plan: StepPlan) -> None:
+    """Move the KV the plan asks for: swap-outs, swap-ins, then copy-on-write copies (``StepPlan`` says why
+    in this order). One call each for the whole step."""
+    if plan.swap_out:
+        blocks, slots = zip(*plan.swap_out)
+        cache.swap_out(blocks, slots)
+    if plan.swap_in:
+        slots, blocks = zip(*plan.swap_in)
+        cache.swap_in(slots, blocks)
+    cache.copy_blocks(plan.copies)
 
 
 class ModelRunner:
     def __init__(self, model, blocks: BlockManager, cache: PagedKVCache, device="cpu"):
         self.model, self.blocks, self.cache, self.device = model, blocks, cache, torch.device(device)
 
-    def prepare(self, scheduled) -> tuple[StepBatch, list[int]]:
-        """StepBatch for [(seq, n)], and the positions in `scheduled` of the sequences that get logits
-        (those whose chunk reaches their last token)."""
-        ids, pos, slots, tables, lens, cu, rows, want = [], [], [], [], [], [0], [], []
-        for i, (seq, n) in enumerate(scheduled):
+    def prepare(self, plan: StepPlan) -> StepBatch:
+        """The step's metadata, built once for every layer: the packed new tokens of ``plan.scheduled``,
+        with logits rows for ``plan.sampling`` (each sequence's last new token)."""
+        ids, pos, slots, tables, lens, cu = [], [], [], [], [], [0]
+        for seq, n in plan.scheduled:
             s = seq.num_computed
             ids.extend(seq.token_ids[s:s + n])
             pos.extend(range(s, s + n))
@@ -23,9 +37,7 @@ class ModelRunner:
             tables.append(self.blocks.block_table(seq.seq_id))
             lens.append(s + n)
             cu.append(cu[-1] + n)
-            if s + n == seq.num_tokens:
-                rows.append(cu[-1] - 1)
-                want.append(i)
+        rows = [cu[i + 1] - 1 for i in plan.sampling]
         width = max(len(t) for t in tables)
         table = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
         dev = self.device
@@ -37,12 +49,12 @@ class ModelRunner:
             cache_seqlens=torch.tensor(lens, dtype=torch.int32, device=dev),
             cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=dev),
             logits_indices=torch.tensor(rows, dtype=torch.int64, device=dev))
-        return batch, want
+        return batch
 
-    def run(self, scheduled) -> tuple[torch.Tensor, list[int]]:
-        """Forward the step; return float32 logits (R, vocab) and which scheduled entries they belong to."""
-        batch, want = self.prepare(scheduled)
-        return self.model(batch, self.cache), want
+    def run(self, plan: StepPlan) -> torch.Tensor:
+        """Apply the plan's block moves, forward the step; return float32 logits (len(plan.sampling), vocab)."""
+        apply_plan(self.cache, plan)
+        return self.model(self.prepare(plan), self.cache)
 
 
-__all__ = ["ModelRunner"]
+__all__ = ["ModelRunner", "apply_plan"]

@@ -11,15 +11,21 @@ A long prompt is therefore prefilled in chunks beside the running decodes. Order
 2. swapped sequences, swapped back in when their blocks fit;
 3. waiting sequences, admitted while blocks, ``max_num_seqs`` and the budget allow, and only if nothing
    was preempted this step. Admission looks the prompt up in the prefix cache: hit blocks count as computed.
+
+``schedule()`` decides and keeps the books (block tables, swap slots) but moves no KV: it returns a
+``StepPlan`` whose block copies and swaps the model runner applies before the forward pass. After the pass,
+``update(plan)`` advances the sequences and forks those that finished their prompt with ``n > 1``.
 """
 from __future__ import annotations
 
+import itertools
 import time
 from collections import deque
 from dataclasses import dataclass, field
 
 from ..cache import BlockManager, PagedKVCache
 from .config import EngineConfig, SamplingParams
+from .sampler import make_generator
 
 
 @dataclass(eq=False)
@@ -56,6 +62,26 @@ class Sequence:
         return self.finish_reason is not None
 
 
+@dataclass
+class StepPlan:
+    """One engine step, as the scheduler decided it.
+
+    scheduled: [(sequence, number of new tokens it computes)], in batch order.
+    sampling: positions in `scheduled` of the sequences whose chunk reaches their last token: they get a
+    logits row each, in this order, and sample.
+    swap_out: [(block, swap slot)] to save; swap_in: [(swap slot, block)] to restore; copies: [(src, dst)]
+    copy-on-write pairs. The runner applies them before the forward pass, in that order, copies as one
+    gather then one scatter: the scheduler has already freed the blocks it swaps out or preempts, and may
+    have handed them out again in this plan (as a copy's dst or for new tokens), so everything reads first.
+    """
+
+    scheduled: list = field(default_factory=list)
+    sampling: list = field(default_factory=list)
+    swap_out: list = field(default_factory=list)
+    swap_in: list = field(default_factory=list)
+    copies: list = field(default_factory=list)
+
+
 def _width(seq: Sequence) -> int:
     """Running sequences `seq` stands for: a request with n > 1 becomes n once its prompt is done (fork)."""
     return 1 if seq.forked else seq.params.n
@@ -68,6 +94,12 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.swapped: deque[Sequence] = deque()
         self.num_preemptions = 0
+        self._seq_ids = itertools.count()
+        self._plan: StepPlan | None = None  # the plan schedule() is building
+
+    def new_seq_id(self) -> int:
+        """A sequence id no other sequence of this scheduler has (forks take theirs from here too)."""
+        return next(self._seq_ids)
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -84,7 +116,7 @@ class Scheduler:
             return True
         if not self.blocks.can_append(seq.seq_id, seq.num_tokens - have):
             return False
-        self.cache.copy_blocks(self.blocks.append_slots(seq.seq_id, seq.token_ids[have:]))
+        self._plan.copies += self.blocks.append_slots(seq.seq_id, seq.token_ids[have:])
         return True
 
     def _preempt(self, seq: Sequence) -> None:
@@ -103,7 +135,8 @@ class Scheduler:
         table = self.blocks.block_table(seq.seq_id)[:-(-seq.num_computed // bs)]  # blocks holding computed KV
         if not table or self.cache.swap is None or len(table) > self.cache.num_free_swap_slots:
             return False  # nothing computed, or no room in the host tier: recompute instead
-        seq.swap_slots = self.cache.swap_out(table)
+        seq.swap_slots = self.cache.reserve_swap(len(table))
+        self._plan.swap_out += zip(table, seq.swap_slots)
         self.blocks.free(seq.seq_id)
         return True
 
@@ -114,16 +147,17 @@ class Scheduler:
             return False
         self.blocks.allocate(seq.seq_id, tokens, extra_key=key)
         table = self.blocks.block_table(seq.seq_id)
-        self.cache.swap_in(seq.swap_slots, table[:len(seq.swap_slots)])
+        self._plan.swap_in += zip(seq.swap_slots, table[:len(seq.swap_slots)])  # slots freed when applied
         seq.swap_slots = None
         return True
 
     # ---- a step -----------------------------------------------------------------------------------
 
-    def schedule(self) -> list[tuple[Sequence, int]]:
-        """(sequence, number of new tokens to compute) for this step."""
+    def schedule(self) -> StepPlan:
+        """Plan this step. Apply the plan (``model_runner.apply_plan``) before scheduling again."""
+        self._plan = plan = StepPlan()
         budget = self.config.max_num_batched_tokens
-        out: list[tuple[Sequence, int]] = []
+        out = plan.scheduled
         preempted = False
         i = 0
         while i < len(self.running) and budget > 0:
@@ -165,7 +199,39 @@ class Scheduler:
             n = min(seq.num_tokens - seq.num_computed, budget)
             out.append((seq, n))
             budget -= n
-        return out
+        plan.sampling = [i for i, (seq, n) in enumerate(out) if seq.num_computed + n == seq.num_tokens]
+        return plan
+
+    def update(self, plan: StepPlan) -> list[list[Sequence]]:
+        """The plan's forward pass ran: advance each sequence's computed count (its full blocks become
+        prefix-cache entries) and fork the sequences that just finished their prompt with n > 1.
+
+        Returns one group per entry of ``plan.sampling`` (a logits row): the sequence, then the n - 1
+        forks made from it now, which sample their first token from the same row.
+        """
+        for seq, n in plan.scheduled:
+            seq.num_computed += n
+            self.blocks.mark_computed(seq.seq_id, seq.num_computed)
+        groups = []
+        for i in plan.sampling:
+            seq = plan.scheduled[i][0]
+            groups.append([seq] + (self._fork(seq) if seq.params.n > 1 and not seq.forked else []))
+        return groups
+
+    def _fork(self, parent: Sequence) -> list[Sequence]:
+        """After the prompt: n - 1 siblings that share its blocks (copy-on-write on their first append),
+        running right behind it. Child i draws from its own generator (seed + i)."""
+        parent.forked = True
+        kids = []
+        for i in range(1, parent.params.n):
+            kid = Sequence(self.new_seq_id(), parent.request_id, i, list(parent.token_ids), parent.prompt_len,
+                           parent.params, make_generator(parent.params, i), parent.num_computed, parent.arrival,
+                           forked=True)
+            self.blocks.fork(parent.seq_id, kid.seq_id)
+            kids.append(kid)
+        at = self.running.index(parent) + 1
+        self.running[at:at] = kids
+        return kids
 
     def finish(self, seq: Sequence) -> None:
         """A running sequence is done: its blocks are freed (its full blocks stay in the prefix cache)."""
@@ -185,4 +251,4 @@ class Scheduler:
             seq.swap_slots = None
 
 
-__all__ = ["Sequence", "Scheduler"]
+__all__ = ["Sequence", "StepPlan", "Scheduler"]
