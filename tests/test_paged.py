@@ -5,7 +5,7 @@ import torch
 import memattn
 from memattn.cache import BlockManager, PagedKVCache
 from memattn import kernels
-from memattn.kernels import native, paged_native, paged_pool
+from memattn.kernels import merge, native, paged_decode, paged_native, paged_pool
 from memattn.ops import paged
 from memattn.ops.paged import paged_attention, paged_attention_reference
 
@@ -252,16 +252,17 @@ def test_decode_pool_fallbacks(monkeypatch):
 
 
 def test_segment_merge_empty_sequence():
-    """A sequence that no row feeds (no visible key) gets out 0 and lse -inf, never NaN; rows of seq == B drop."""
+    """A sequence that no row feeds (no visible key) gets out 0 and lse -inf, never NaN; the pool's dropped
+    rows (its unused blocks) go to a row past the sequences, here row 2."""
     o = torch.randn(3, 2, 4, dtype=torch.float64)
     lse = torch.tensor([[0.5, -1.0], [float("-inf"), 2.0], [7.0, 7.0]], dtype=torch.float64)
-    out, out_lse = paged_pool._segment_merge([(o.clone(), lse, torch.tensor([0, 0, 2]))], 2, 2, 4,
-                                                     torch.float64, "cpu")
+    out, out_lse = merge.merge_segments([(o.clone(), lse, torch.tensor([0, 0, 2]))], 3)
+    out, out_lse = out[:2], out_lse[:2]
     assert (out[1] == 0).all() and torch.isneginf(out_lse[1]).all() and not out.isnan().any()
     want_lse = torch.logsumexp(lse[:2], 0)
-    assert torch.allclose(out_lse[0, :, 0], want_lse)
+    assert torch.allclose(out_lse[0], want_lse)
     w = torch.exp(lse[:2] - want_lse).unsqueeze(2)
-    assert torch.allclose(out[0, 0], (w * o[:2]).sum(0))
+    assert torch.allclose(out[0], (w * o[:2]).sum(0))
 
 
 @pytest.mark.parametrize("vb", [2, 8])
