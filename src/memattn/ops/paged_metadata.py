@@ -121,11 +121,12 @@ def paged_metadata(block_table, cache_seqlens, cu_seqlens_q=None, *, num_blocks:
         starts.append(starts[-1] + lq)
     decode = [b for b, lq in enumerate(q_lens) if lq == 1]
     if len(decode) == batch:  # a pure decode step: the whole tensors, no row selection
-        table, q_rows = block_table, None
+        table, q_rows, dec_ctx = block_table, None, ctx
     else:
         table = block_table.index_select(0, torch.tensor(decode, dtype=torch.int64, device=dev))
         q_rows = torch.tensor([starts[b] for b in decode], dtype=torch.int64, device=dev)
-    lens = torch.tensor([ctx[b] for b in decode], dtype=torch.int64, device=dev)
+        dec_ctx = [ctx[b] for b in decode]
+    lens = torch.tensor(dec_ctx, dtype=torch.int64, device=dev)
     return PagedMetadata(block_table, cache_seqlens, cu_seqlens_q, num_blocks, block_size,
                          None if cu_seqlens_q is not None else seqlen_q, starts, q_lens, ctx, decode, table, lens,
                          q_rows)
