@@ -5,7 +5,7 @@ import torch
 import memattn
 from memattn.cache import BlockManager, PagedKVCache
 from memattn import kernels
-from memattn.kernels import native, paged_native, paged_pool
+from memattn.kernels import merge, native, paged_decode, paged_native, paged_pool
 from memattn.ops import paged
 from memattn.ops.paged import paged_attention, paged_attention_reference
 
@@ -252,16 +252,17 @@ def test_decode_pool_fallbacks(monkeypatch):
 
 
 def test_segment_merge_empty_sequence():
-    """A sequence that no row feeds (no visible key) gets out 0 and lse -inf, never NaN; rows of seq == B drop."""
+    """A sequence that no row feeds (no visible key) gets out 0 and lse -inf, never NaN; the pool's dropped
+    rows (its unused blocks) go to a row past the sequences, here row 2."""
     o = torch.randn(3, 2, 4, dtype=torch.float64)
     lse = torch.tensor([[0.5, -1.0], [float("-inf"), 2.0], [7.0, 7.0]], dtype=torch.float64)
-    out, out_lse = paged_pool._segment_merge([(o.clone(), lse, torch.tensor([0, 0, 2]))], 2, 2, 4,
-                                                     torch.float64, "cpu")
+    out, out_lse = merge.merge_segments([(o.clone(), lse, torch.tensor([0, 0, 2]))], 3)
+    out, out_lse = out[:2], out_lse[:2]
     assert (out[1] == 0).all() and torch.isneginf(out_lse[1]).all() and not out.isnan().any()
     want_lse = torch.logsumexp(lse[:2], 0)
-    assert torch.allclose(out_lse[0, :, 0], want_lse)
+    assert torch.allclose(out_lse[0], want_lse)
     w = torch.exp(lse[:2] - want_lse).unsqueeze(2)
-    assert torch.allclose(out[0, 0], (w * o[:2]).sum(0))
+    assert torch.allclose(out[0], (w * o[:2]).sum(0))
 
 
 @pytest.mark.parametrize("vb", [2, 8])
@@ -347,3 +348,84 @@ def test_decode_native_fallbacks(native_calls, monkeypatch):
     assert not native.available()
     _check(*problem)
     assert len(native_calls) == 3
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_metadata_call_equals_plain_call(packed):
+    """Metadata validated once serves every layer: the same result as validating per call, for any
+    window (its ranges are built per window edge) and ALiBi."""
+    _seed()
+    lens, q_lens = [1, 16, 50, 81], ([1, 7, 1, 30] if packed else [1])
+    q, kc, vc, table, seqlens, cu = _problem(lens, q_lens, 16, 8, 2, 64, packed=packed)
+    md = paged.paged_metadata(table, seqlens, cu, num_blocks=kc.shape[0], block_size=kc.shape[1])
+    for kw in (dict(), dict(window_size=(5, 0)), dict(alibi_slopes=torch.rand(len(lens), 8, dtype=torch.float64)),
+               dict(window_size=(9, 0))):
+        plain = paged_attention(q, kc, vc, table, seqlens, cu_seqlens_q=cu, return_lse=True, **kw)
+        for args in ((table, seqlens, cu), (None, None, None)):
+            built = paged_attention(q, kc, vc, *args[:2], cu_seqlens_q=args[2], metadata=md, return_lse=True, **kw)
+            assert torch.equal(built[0], plain[0]) and torch.equal(built[1], plain[1])
+
+
+def test_metadata_for_other_sizes_is_rejected():
+    q, kc, vc, table, seqlens, _ = _problem([10, 20], [1], 16, 4, 2, 64, packed=False)
+    md = paged.paged_metadata(table, seqlens, num_blocks=kc.shape[0], block_size=16)
+    with pytest.raises(ValueError, match="metadata was built for a pool of"):
+        paged_attention(q, kc[:-1], vc[:-1], table, seqlens, metadata=md)
+    other = paged.paged_metadata(table, seqlens, num_blocks=kc.shape[0], block_size=32)
+    with pytest.raises(ValueError, match="blocks of 32 tokens"):
+        paged_attention(q, kc, vc, table, seqlens, metadata=other)
+    with pytest.raises(ValueError, match="q batch 2 x seqlen_q 3 != block_table rows 2 x 1"):
+        paged_attention(q.expand(2, 3, 4, 64), kc, vc, table, seqlens, metadata=md)
+    packed = paged.paged_metadata(table, seqlens, torch.tensor([0, 1, 2], dtype=torch.int32),
+                                  num_blocks=kc.shape[0], block_size=16)
+    with pytest.raises(ValueError, match="total_q = 3, but it ends at 2"):
+        paged_attention(torch.cat([q[:, 0], q[:1, 0]]), kc, vc, None, None, metadata=packed)
+    with pytest.raises(ValueError, match="block_table is not the tensor the metadata was built from"):
+        paged_attention(q, kc, vc, table.clone(), seqlens, metadata=md)
+    with pytest.raises(TypeError, match="metadata must be a PagedMetadata"):
+        paged_attention(q, kc, vc, table, seqlens, metadata=(table, seqlens))
+    with pytest.raises(ValueError, match="block id 99"):  # built metadata is validated as a plain call is
+        bad = table.clone()
+        bad[1, 0] = 99
+        paged.paged_metadata(bad, seqlens, num_blocks=kc.shape[0], block_size=16)
+
+
+def test_visible_ranges():
+    lens = torch.tensor([1, 5, 40], dtype=torch.int32)
+    assert paged_decode.visible_ranges(lens).tolist() == [[[0, 1]], [[0, 5]], [[0, 40]]]
+    assert paged_decode.visible_ranges(lens, 3).tolist() == [[[0, 1]], [[1, 5]], [[36, 40]]]
+    assert paged_decode.visible_ranges(lens, 0).tolist() == [[[0, 1]], [[4, 5]], [[39, 40]]]
+
+
+def test_decode_kernel_query_pos(native_calls):
+    """The decode contract's query_pos: ALiBi measures distances from it (default: the last visible token)."""
+    _seed()
+    lens, h, d = [1, 16, 50], 4, 64
+    q, kc, vc, table, seqlens, _ = _problem(lens, [1], 16, h, 2, d, packed=False)
+    slopes = torch.rand(len(lens), h)
+    pos = torch.tensor([3, 20, 49])
+    ranges = paged_decode.visible_ranges(seqlens)
+    out, lse = paged_native.decode(q[:, 0].float(), kc.float(), vc.float(), table, ranges, scale=d ** -0.5,
+                                   alibi_slopes=slopes, query_pos=pos)
+    for b, n in enumerate(lens):
+        k, v = (c[table[b].long()].flatten(0, 1)[:n].unsqueeze(0) for c in (kc, vc))
+        dist = (pos[b] - torch.arange(n)).to(torch.float32)
+        bias = -slopes[b].view(1, h, 1, 1) * dist
+
+        def ref(t):
+            return memattn.reference.attention(q[b:b + 1].to(t), k.to(t), v.to(t), bias=bias, return_lse=True)
+        (r, rl), (nv, nl) = ref(torch.float64), ref(torch.float32)
+        assert (out[b].double() - r[0, 0]).abs().max() <= 2 * (nv.double() - r).abs().max() + 1e-6
+        assert (lse[b].double() - rl[0, :, 0]).abs().max() <= 2 * (nl.double() - rl).abs().max() + 1e-5
+
+
+def test_decode_kernels_refuse_what_they_do_not_read():
+    """Two visible ranges, sink logits and quantized-cache scales are room in the signature, read by no kernel yet."""
+    q, kc, vc, table, seqlens, _ = _problem([10, 20], [1], 16, 4, 2, 64, packed=False)
+    ranges = paged_decode.visible_ranges(seqlens)
+    two = torch.cat([ranges, ranges], 1)
+    for kw in (dict(ranges=two), dict(ranges=ranges, sinks=torch.zeros(4)),
+               dict(ranges=ranges, kv_scales=(torch.ones(kc.shape[:3]), torch.ones(kc.shape[:3])))):
+        with pytest.raises(ValueError, match="pool decode kernel reads one visible range"):
+            paged_pool.decode(q[:, 0], kc, vc, table, scale=0.125, **kw)
+    assert paged_pool.decode(q[:, 0], kc, vc, table, ranges, scale=0.125)[0].shape == (2, 4, 64)

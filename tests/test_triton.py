@@ -20,7 +20,8 @@ from memattn import kernels, reference  # noqa: E402
 from memattn.kernels import triton as tk  # noqa: E402
 from memattn.ops.blockwise import blockwise_attention  # noqa: E402
 from memattn.ops.spec import build_spec  # noqa: E402
-from memattn.ops.paged import _prepare, paged_attention_reference  # noqa: E402
+from memattn.kernels.paged_decode import visible_ranges  # noqa: E402
+from memattn.ops.paged import paged_attention_reference  # noqa: E402
 
 from conftest import assert_fa_rule  # noqa: E402
 
@@ -186,9 +187,11 @@ def test_paged_decode_kernel(device, dtype, opts, seed):
     q0 = torch.randn(len(lens), 1, 4, 40, generator=g).to(dtype)
     kw = {"window_size": opts.get("window_size", (-1, -1)), "softcap": opts.get("softcap", 0.0),
           "alibi_slopes": torch.rand(len(lens), 4, generator=g) if opts.get("alibi") else None}
-    batch = _prepare(q0.to(device), kc, vc, table, cl, None, None, True, kw["window_size"],
-                     None if kw["alibi_slopes"] is None else kw["alibi_slopes"].to(device), kw["softcap"])
-    out, lse = tk.paged_decode(q0.to(device), kc, vc, table, lens, batch.spec)
+    ranges = visible_ranges(cl, kw["window_size"][0])
+    slopes = None if kw["alibi_slopes"] is None else kw["alibi_slopes"].to(device)
+    out, lse = tk.paged_decode(q0[:, 0].to(device), kc, vc, table, ranges, scale=40 ** -0.5, softcap=kw["softcap"],
+                               alibi_slopes=slopes)
+    out, lse = out.unsqueeze(1), lse.unsqueeze(2)  # the reference's (B, 1, H, D), (B, H, 1)
     ref = paged_attention_reference(q0.double(), kc0.double(), vc0.double(), table0, cl0, return_lse=True, **kw)
     nai = paged_attention_reference(q0, kc0, vc0, table0, cl0, return_lse=True, **kw)
     assert_fa_rule("out", out.cpu(), ref[0], nai[0])

@@ -1,14 +1,16 @@
-"""The oracle: materialised attention with an explicit dense mask and bias, written to be read.
+"""The oracles, written to be read: materialised attention with an explicit dense mask and bias
+(``attention``), and paged attention over keys gathered token by token through the block table
+(``paged_attention``).
 
-Tests run it in float64 (the oracle) and in the dtype of the path under test (``naive_T`` of
-FlashAttention's tolerance rule). It is not the ``standard`` method: that one is a lean
+Tests run them in float64 (the oracle) and in the dtype of the path under test (``naive_T`` of
+FlashAttention's tolerance rule). ``attention`` is not the ``standard`` method: that one is a lean
 materialising implementation of its own (``ops/standard.py``), checked against this.
 """
 from __future__ import annotations
 
 import torch
 
-from ._validate import check_dense_qkv, resolve_scale
+from ._validate import check_dense_qkv, check_window, resolve_scale
 
 
 def attention(q, k, v, *, mask=None, bias=None, softmax_scale=None, softcap=0.0, return_lse=False):
@@ -46,3 +48,53 @@ def attention(q, k, v, *, mask=None, bias=None, softmax_scale=None, softcap=0.0,
         return out
     lse = (m + torch.log(denom)).squeeze(-1)
     return out, lse
+
+
+def paged_attention(q, key_cache, value_cache, block_table, cache_seqlens, *, cu_seqlens_q=None,
+                    softmax_scale=None, causal=True, window_size=(-1, -1), alibi_slopes=None, softcap=0.0,
+                    return_lse=False):
+    """``memattn.paged_attention`` the slow, obvious way, computed in q's dtype: the oracle of the
+    paged tests (run it in float64). Same arguments and results; inputs are assumed valid.
+
+    Every key is gathered token by token through the block table into a contiguous tensor, then
+    the dense mask and bias are built and ``attention`` runs on them. Sequence b with Lq queries
+    and L = cache_seqlens[b] keys has query i at position p = i + L - Lq: key j is visible iff
+    p - left <= j <= p + right (window_size; causal caps right at 0), with ALiBi bias
+    -slope * |p - j| (float32 slopes and distances, as ``memattn.paged_attention`` adds them).
+    """
+    left, right = check_window(window_size)
+    if causal:
+        right = 0 if right < 0 else min(right, 0)
+    packed = cu_seqlens_q is not None
+    h, d = q.shape[-2:]
+    qp = q if packed else q.reshape(-1, h, d)
+    batch, bs, hkv = block_table.shape[0], key_cache.shape[1], key_cache.shape[2]
+    cu = cu_seqlens_q.tolist() if packed else [b * q.shape[1] for b in range(batch + 1)]
+    out = torch.zeros(qp.shape, dtype=qp.dtype, device=qp.device)
+    lse = torch.full((h, qp.shape[0]), float("-inf"), dtype=qp.dtype, device=qp.device)
+    flat_k, flat_v = key_cache.reshape(-1, hkv, d), value_cache.reshape(-1, hkv, d)
+    for b in range(batch):
+        q0, lq, lk = cu[b], cu[b + 1] - cu[b], int(cache_seqlens[b])
+        if lq == 0:
+            continue
+        slots = [int(block_table[b, j // bs]) * bs + j % bs for j in range(lk)]
+        p = torch.arange(lq, device=qp.device).unsqueeze(1) + (lk - lq)
+        j = torch.arange(lk, device=qp.device).unsqueeze(0)
+        mask = torch.ones((lq, lk), dtype=torch.bool, device=qp.device)
+        if left >= 0:
+            mask &= j >= p - left
+        if right >= 0:
+            mask &= j <= p + right
+        bias = None
+        if alibi_slopes is not None:
+            slopes = alibi_slopes.to(torch.float32)
+            slopes = slopes[b] if slopes.dim() == 2 else slopes
+            bias = -slopes.view(1, h, 1, 1) * (p - j).abs().to(torch.float32)
+        o, l = attention(qp[q0:q0 + lq].unsqueeze(0), flat_k[slots].unsqueeze(0), flat_v[slots].unsqueeze(0),
+                         mask=mask, bias=bias, softmax_scale=resolve_scale(softmax_scale, d), softcap=softcap,
+                         return_lse=True)
+        out[q0:q0 + lq], lse[:, q0:q0 + lq] = o[0], l[0]
+    if packed:
+        return (out, lse) if return_lse else out
+    out = out.view(batch, q.shape[1], h, d)
+    return (out, lse.view(h, batch, q.shape[1]).permute(1, 0, 2)) if return_lse else out

@@ -73,7 +73,8 @@ class DecodeKernel:
     kv_formats: KV storage formats it reads in place. alibi, softcap, sinks: score modifiers it
     applies (sinks: one learnable logit per head in the softmax denominator). max_ranges: visible
     key ranges per sequence it takes (1: one window; 2: the first sink tokens plus a recent window).
-    load: returns the kernel's function (imported on first use). probe: a reason it cannot run
+    load: returns the kernel's function, which follows ``paged_decode``'s contract (imported on
+    first use). probe: a reason it cannot run
     here (beyond dtype and device), or None.
     """
 

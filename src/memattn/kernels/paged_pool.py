@@ -1,7 +1,7 @@
 """Zero-copy paged decode: one fused-kernel call over the block pool, then a log-sum-exp merge per sequence.
 
-The gather schedule (``paged._decode``) copies every visible block into scratch before attending, an
-extra pass over the KV bytes. Here nothing is copied:
+Follows the ``paged_decode`` contract. The gather schedule (``ops.paged._decode_gather``) copies every
+visible block into scratch before attending, an extra pass over the KV bytes. Here nothing is copied:
 
 1. The pool ``(num_blocks, block_size, Hkv, D)`` is already a batch of key tiles: viewed as
    ``(num_blocks, Hkv, block_size, D)`` (a permutation, unit last stride) it is a valid (B, H, S, D)
@@ -23,17 +23,19 @@ extra pass over the KV bytes. Here nothing is copied:
    block_size, Hkv, D)``. Sequential allocation makes such runs common; a fragmented pool has none and
    everything stays in single blocks.
 6. Per-pair partial results ``(out, lse)`` are merged per sequence by a segment log-sum-exp
-   (``scatter_reduce`` amax, ``index_add_``): out = sum_i exp(lse_i - lse) out_i. A sequence
-   without any visible key gets out 0 and lse -inf, never NaN.
+   (``merge.merge_segments``: ``scatter_reduce`` amax, ``index_add_``). A sequence without any
+   visible key gets out 0 and lse -inf, never NaN.
 
 Covers the fused CPU kernel's features (float64/32/16, bf16; causal or not; sliding window; scale).
-ALiBi, softcap and non-CPU devices stay on the gather schedule (``paged._decode``).
+ALiBi, softcap and non-CPU devices stay on the gather schedule (``ops.paged._decode_gather``).
 """
 from __future__ import annotations
 
 import torch
 
 from . import cpu_flash
+from .merge import merge_segments
+from .paged_decode import require_plain
 from .torch_tiles import compute_dtype
 
 # A layer's blocks are attended in place when their id range is at most this many times their count.
@@ -101,14 +103,17 @@ def _virtual_runs(block_table, live, vb):
     return covered, seq, run, t[seq, run, 0] // vb
 
 
-def decode(q, key_cache, value_cache, block_table, ctx_lens, spec):
-    """q (B, 1, H, D) -> out (B, 1, H, D), lse (B, H, 1) in the compute dtype (see the module docstring)."""
+def decode(q, key_cache, value_cache, block_table, ranges, *, scale, softcap=0.0, alibi_slopes=None,
+           query_pos=None, sinks=None, kv_scales=None):
+    """The ``paged_decode`` contract (see the module docstring for the schedule); no softcap or ALiBi
+    (its record says so). q (B, H, D) -> out (B, H, D), lse (B, H) in the compute dtype."""
+    require_plain("pool", ranges, sinks, kv_scales)
+    if softcap or alibi_slopes is not None:
+        raise ValueError("the pool decode kernel has no softcap or ALiBi (the fused CPU kernel has neither)")
     nblocks, bs, hkv, d = key_cache.shape
-    b, _, h, _ = q.shape
+    b, h, _ = q.shape
     dev = q.device
-    lens = torch.tensor(ctx_lens, dtype=torch.int64, device=dev)
-    left = spec.mask.left if spec.mask is not None else -1
-    start = (lens - 1 - left).clamp(min=0) if left >= 0 else torch.zeros_like(lens)
+    start, lens = ranges[:, 0, 0], ranges[:, 0, 1]
     first, end = start // bs, (lens + bs - 1) // bs
     width = int(end.max()) if b else 0
     cols = torch.arange(width, device=dev)
@@ -134,30 +139,9 @@ def decode(q, key_cache, value_cache, block_table, ctx_lens, spec):
         vis = (pos >= start[seq].unsqueeze(1)) & (pos < lens[seq].unsqueeze(1))
         for idx in _layers(phys):
             v = vis[idx]
-            parts.append(_attend_layer(qx, kview, vview, seq[idx], phys[idx], None if bool(v.all()) else v,
-                                       spec.scale, b))
-    return _segment_merge(parts, b, h, d, compute_dtype(q.dtype), dev)
-
-
-def _segment_merge(parts, b, h, d, cd, dev):
-    """Merge row results [(out (n, H, D), lse (n, H), row_seq (n,))] into their sequences (row_seq == b: dropped).
-
-    out_b = sum_i exp(lse_i - lse_b) out_i with lse_b = logsumexp_i lse_i; returns out (B, 1, H, D), lse (B, H, 1).
-    Each part's out is scaled in place and index-added: two passes over it, no gather."""
-    m = torch.full((b + 1, h), float("-inf"), dtype=cd, device=dev)
-    for _, lse, rs in parts:
-        m.scatter_reduce_(0, rs.unsqueeze(1).expand(-1, h), lse, reduce="amax")
-    m_safe = torch.where(torch.isneginf(m), torch.zeros_like(m), m)
-    total = torch.zeros((b + 1, h), dtype=cd, device=dev)
-    ws = []
-    for _, lse, rs in parts:
-        w = torch.exp(lse - m_safe.index_select(0, rs))  # exp(-inf) = 0 for rows that saw nothing
-        total.index_add_(0, rs, w)
-        ws.append(w)
-    out_lse = m_safe + torch.log(total)  # total 0 -> -inf
-    inv = 1 / torch.where(total == 0, torch.ones_like(total), total)
-    out = torch.zeros((b + 1, h, d), dtype=cd, device=dev)
-    for (o, _, rs), w in zip(parts, ws):
-        o = o.contiguous() if not o.is_contiguous() else o
-        out.index_add_(0, rs, o.mul_((w * inv.index_select(0, rs)).unsqueeze(2)))
-    return out[:b].unsqueeze(1), out_lse[:b].unsqueeze(2)
+            parts.append(_attend_layer(qx, kview, vview, seq[idx], phys[idx], None if bool(v.all()) else v, scale, b))
+    if not parts:  # no sequence sees a key (or there are none)
+        cd = compute_dtype(q.dtype)
+        return torch.zeros((b, h, d), dtype=cd, device=dev), torch.full((b, h), float("-inf"), dtype=cd, device=dev)
+    out, lse = merge_segments(parts, b + 1)  # row b collects the dropped rows of unused blocks
+    return out[:b], lse[:b]

@@ -1,7 +1,10 @@
-"""Stable merge of partial attention results that saw disjoint sets of keys."""
+"""Stable merge of two partial attention results that saw disjoint sets of keys (the public pairwise
+form of ``kernels.merge``, which merges any number)."""
 from __future__ import annotations
 
 import torch
+
+from ..kernels.merge import merge_weights
 
 
 def merge_attention(out_a, lse_a, out_b, lse_b):
@@ -22,14 +25,7 @@ def merge_attention(out_a, lse_a, out_b, lse_b):
         raise ValueError(
             f"lse shape {tuple(lse_a.shape)} does not match out shape {tuple(out_a.shape)}: "
             "expected lse (..., H, S) for out (..., S, H, D)")
-    m = torch.maximum(lse_a, lse_b)
-    m = torch.where(torch.isneginf(m), torch.zeros_like(m), m)
-    wa, wb = torch.exp(lse_a - m), torch.exp(lse_b - m)
-    total = wa + wb
-    lse = m + torch.log(total)
-    total = torch.where(total == 0, torch.ones_like(total), total)
-    # (..., H, S) -> (..., S, H, 1) to scale the outputs
-    ca = (wa / total).transpose(-1, -2).unsqueeze(-1)
-    cb = (wb / total).transpose(-1, -2).unsqueeze(-1)
-    out = out_a * ca + out_b * cb
-    return out, lse
+    c, lse = merge_weights(torch.stack((lse_a, lse_b)), 0)
+    # (2, ..., H, S) -> (2, ..., S, H, 1) to scale the outputs
+    c = c.transpose(-1, -2).unsqueeze(-1)
+    return out_a * c[0] + out_b * c[1], lse[0]
