@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..cache import BlockManager, PagedKVCache
+from ..ops.paged import paged_metadata
 from .models import StepBatch
 from .scheduler import StepPlan
 
@@ -41,15 +42,17 @@ class ModelRunner:
         width = max(len(t) for t in tables)
         table = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
         dev = self.device
-        batch = StepBatch(
+        block_table = table.to(dev)
+        cache_seqlens = torch.tensor(lens, dtype=torch.int32, device=dev)
+        cu_seqlens_q = torch.tensor(cu, dtype=torch.int32, device=dev)
+        return StepBatch(
             input_ids=torch.tensor(ids, dtype=torch.int64, device=dev),
             positions=torch.tensor(pos, dtype=torch.int64, device=dev),
             slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
-            block_table=table.to(dev),
-            cache_seqlens=torch.tensor(lens, dtype=torch.int32, device=dev),
-            cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=dev),
-            logits_indices=torch.tensor(rows, dtype=torch.int64, device=dev))
-        return batch
+            block_table=block_table, cache_seqlens=cache_seqlens, cu_seqlens_q=cu_seqlens_q,
+            logits_indices=torch.tensor(rows, dtype=torch.int64, device=dev),
+            paged=paged_metadata(block_table, cache_seqlens, cu_seqlens_q, num_blocks=self.cache.num_blocks,
+                                 block_size=self.cache.block_size))
 
     def run(self, plan: StepPlan) -> torch.Tensor:
         """Apply the plan's block moves, forward the step; return float32 logits (len(plan.sampling), vocab)."""

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ...cache import PagedKVCache
-from ...ops.paged import paged_attention
+from ...ops.paged import PagedMetadata, paged_attention
 
 
 @dataclass
@@ -18,7 +18,8 @@ class StepBatch:
     input_ids, positions, slot_mapping: (T,) int64 (slot = block * block_size + offset, where the
     token's K/V is written). block_table: int32 (B, max_blocks). cache_seqlens: int32 (B,), context
     length of each sequence *including* its new tokens. cu_seqlens_q: int32 (B + 1,). logits_indices:
-    (R,) rows of the packed tokens whose next-token logits are wanted.
+    (R,) rows of the packed tokens whose next-token logits are wanted. paged: those three validated once
+    for the step (``memattn.ops.paged.paged_metadata``), shared by every layer's attention call.
     """
 
     input_ids: torch.Tensor
@@ -28,6 +29,7 @@ class StepBatch:
     cache_seqlens: torch.Tensor
     cu_seqlens_q: torch.Tensor
     logits_indices: torch.Tensor
+    paged: PagedMetadata | None = None
 
 
 def paged_self_attention(q, k, v, batch: StepBatch, cache: PagedKVCache, layer: int, *, scale: float,
@@ -40,7 +42,7 @@ def paged_self_attention(q, k, v, batch: StepBatch, cache: PagedKVCache, layer: 
     window_size = (-1, -1) if window is None else (window - 1, 0)
     return paged_attention(q, cache.key_cache(layer), cache.value_cache(layer), batch.block_table,
                            batch.cache_seqlens, cu_seqlens_q=batch.cu_seqlens_q, softmax_scale=scale,
-                           causal=True, window_size=window_size)
+                           causal=True, window_size=window_size, metadata=batch.paged)
 
 
 class FusedLinear(nn.Linear):
