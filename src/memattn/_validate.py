@@ -76,6 +76,16 @@ def resolve_scale(softmax_scale, head_dim: int) -> float:
     return float(softmax_scale)
 
 
+def check_int32(name: str, t, dim: int) -> None:
+    """t must be an int32 tensor with `dim` dims (block tables, context lengths, cu_seqlens)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be an int32 tensor, got {type(t).__name__}")
+    if t.dtype != torch.int32:
+        raise TypeError(f"{name} must be int32, got {t.dtype}")
+    if t.dim() != dim:
+        raise ValueError(f"{name} must have {dim} dim(s), got shape {tuple(t.shape)}")
+
+
 def check_key_padding_mask(mask, batch: int, seqlen_k: int, device) -> None:
     if mask is None:
         return

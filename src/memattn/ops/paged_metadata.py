@@ -10,7 +10,7 @@ import dataclasses
 
 import torch
 
-from .._validate import FLOAT_DTYPES
+from .._validate import FLOAT_DTYPES, check_int32
 from ..kernels.paged_decode import visible_ranges
 
 
@@ -55,19 +55,10 @@ class PagedMetadata:
         return r
 
 
-def _check_int32(name, t, dim):
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be an int32 tensor, got {type(t).__name__}")
-    if t.dtype != torch.int32:
-        raise TypeError(f"{name} must be int32, got {t.dtype}")
-    if t.dim() != dim:
-        raise ValueError(f"{name} must have {dim} dim(s), got shape {tuple(t.shape)}")
-
-
 def _query_lens(cu_seqlens_q, batch, seqlen_q):
     if cu_seqlens_q is None:
         return [seqlen_q] * batch
-    _check_int32("cu_seqlens_q", cu_seqlens_q, 1)
+    check_int32("cu_seqlens_q", cu_seqlens_q, 1)
     if cu_seqlens_q.shape[0] != batch + 1:
         raise ValueError(f"cu_seqlens_q must have batch + 1 = {batch + 1} entries, got {cu_seqlens_q.shape[0]}")
     cu = cu_seqlens_q.tolist()
@@ -104,8 +95,8 @@ def paged_metadata(block_table, cache_seqlens, cu_seqlens_q=None, *, num_blocks:
         a ``PagedMetadata`` for ``paged_attention(..., metadata=...)``.
     Raises ValueError / TypeError naming the offending sizes, as ``paged_attention`` does.
     """
-    _check_int32("block_table", block_table, 2)
-    _check_int32("cache_seqlens", cache_seqlens, 1)
+    check_int32("block_table", block_table, 2)
+    check_int32("cache_seqlens", cache_seqlens, 1)
     dev = block_table.device
     for name, t in (("cache_seqlens", cache_seqlens), ("cu_seqlens_q", cu_seqlens_q)):
         if isinstance(t, torch.Tensor) and t.device != dev:

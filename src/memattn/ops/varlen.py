@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from .._validate import check_packed_qkv
+from .._validate import check_int32, check_packed_qkv
 from .. import kernels
 from .blockwise import blockwise_attention
 from .schedule import Problem
@@ -14,11 +14,8 @@ from .spec import build_spec, default_block
 
 
 def _check_cu_seqlens(name, cu, total, batch=None):
-    if not isinstance(cu, torch.Tensor):
-        raise TypeError(f"{name} must be an int32 tensor, got {type(cu).__name__}")
-    if cu.dtype != torch.int32:
-        raise TypeError(f"{name} must be int32, got {cu.dtype}")
-    if cu.dim() != 1 or cu.numel() < 2:
+    check_int32(name, cu, 1)
+    if cu.numel() < 2:
         raise ValueError(f"{name} must be 1-D of length batch + 1 >= 2, got shape {tuple(cu.shape)}")
     if batch is not None and cu.numel() != batch + 1:
         raise ValueError(f"{name} has {cu.numel() - 1} sequences but cu_seqlens_q has {batch}")
