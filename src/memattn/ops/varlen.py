@@ -4,7 +4,6 @@ No padding is computed: tiles only ever pair queries and keys of the same sequen
 """
 from __future__ import annotations
 
-import torch
 
 from .._validate import check_int32, check_packed_qkv
 from .. import kernels
