@@ -4,9 +4,8 @@ No padding is computed: tiles only ever pair queries and keys of the same sequen
 """
 from __future__ import annotations
 
-
-from .._validate import check_int32, check_packed_qkv
 from .. import kernels
+from .._validate import check_int32, check_packed_qkv
 from .blockwise import blockwise_attention
 from .schedule import Problem
 from .spec import build_spec, default_block
