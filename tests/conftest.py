@@ -80,7 +80,8 @@ def amax(t) -> float:
 def attention_floors(q, k, v, dout=None, dlse=None, *, scale=None, bias=None, keys=None, rows=None,
                      c: float = C_FLOOR) -> dict:
     """`fa_floor` for each quantity of softmax attention, from its operands; keys: "out", "lse", "dq",
-    "dk", "dv", and "out_alone" (the gradient floors need dout, the cotangent of out; dlse, that of lse, if any).
+    "dk", "dv" and, for comparisons without a naive run, "out_alone", "dq_alone", "dk_alone", "dv_alone"
+    (the gradient floors need dout, the cotangent of out; dlse, that of lse, if any).
 
     q (..., H, D), k and v (..., Hkv, D) in any layout (dense, packed, paged caches): only their
     dtype, maxima and head_dim are read. `keys` is the most keys one query row sums over (default
@@ -100,6 +101,14 @@ def attention_floors(q, k, v, dout=None, dlse=None, *, scale=None, bias=None, ke
       dq_i    s sum_j dS_ij k_j               Sk terms  of s B Mk
       dk_j    s sum_i dS_ij q_i               rows      of s B Mq
       dv_j    sum_i P_ij dO_i                 rows      of Mdo
+
+    These floors cover the sums a path evaluates in an order or form of its own. The rounding of the
+    scores (and of the softmax sum) carried through the softmax is common to the path and the naive run
+    in T (the same formula), so it shows in the naive error, which the rule multiplies by 2 or 3. Where
+    no naive run exists (float64 paths, a max error reported by the CLI) the "*_alone" entries add it:
+    a score or lse error d moves P_ij by P_ij (d_ij - sum_k P_ik d_ik), relative error <= 2 max|d| with
+    max|d| <= lse's floor, so out_i moves by <= 2 Mv max|d|, dq_i by s Mk B 2 max|d| (P-weighted), dk_j
+    and dv_j by sqrt(rows) times s Mq B 2 max|d| and Mdo 2 max|d| (independent across rows).
     """
     dt = q.dtype
     d = q.shape[-1]
@@ -118,6 +127,9 @@ def attention_floors(q, k, v, dout=None, dlse=None, *, scale=None, bias=None, ke
         b = 2 * math.sqrt(d) * amax(dout) * mv + amax(dlse)
         out.update(dq=fa_floor(dt, s * b * mk, sk, c), dk=fa_floor(dt, s * b * mq, nq, c),
                    dv=fa_floor(dt, amax(dout), nq, c))
+        p_rel = 2 * out["lse"]
+        out.update(dq_alone=out["dq"] + s * mk * b * p_rel, dk_alone=out["dk"] + math.sqrt(nq) * s * mq * b * p_rel,
+                   dv_alone=out["dv"] + math.sqrt(nq) * amax(dout) * p_rel)
     return out
 
 

@@ -124,7 +124,7 @@ def _check_case(world, *, layout, causal, h, hkv, d, dtype=torch.float32, with_d
         r64 = sh(r64.detach())
         if dtype == torch.float64:  # no naive run below float64: the float64 floor alone
             assert_fa_rule(f"{what}: {name}", ours.detach(), r64, None, seed=seed,
-                           floor=floor["out_alone" if name == "out" else name])
+                           floor=floor["lse" if name == "lse" else f"{name}_alone"])
         else:
             assert_fa_rule(f"{what}: {name}", ours.detach(), r64, sh(rn.detach()), factor=factor, floor=floor[name],
                            seed=seed)
