@@ -9,6 +9,8 @@ from memattn.kernels import merge, native, paged_decode, paged_native, paged_poo
 from memattn.ops import paged
 from memattn.ops.paged import paged_attention, paged_attention_reference
 
+from conftest import amax, assert_fa_rule, attention_floors
+
 
 def _seed():
     s = int(torch.randint(0, 2**31 - 1, ()).item())  # fresh each run; printed on failure
@@ -34,22 +36,27 @@ def _problem(lens, q_lens, bs, h, hkv, d, *, packed):
 
 
 def _check(q, kc, vc, table, seqlens, cu, dtype=torch.float32, **kw):
-    """Both outputs and lse: dtype path within 2x the naive dtype error; float64 path tight."""
+    """Both outputs and lse: dtype path within 2x the naive dtype error + the derived floor; float64 path
+    within the float64 floor (conftest.attention_floors)."""
     seed = torch.initial_seed()
+    slopes = kw.get("alibi_slopes")
+    # ALiBi adds at most max(slope) * (longest context) to a score
+    floor_kw = dict(scale=kw.get("softmax_scale"), keys=int(seqlens.max()),
+                    bias=0.0 if slopes is None else amax(slopes) * int(seqlens.max()))
     ref, ref_lse = paged_attention_reference(q, kc, vc, table, seqlens, cu_seqlens_q=cu, return_lse=True, **kw)
     out64, lse64 = paged_attention(q, kc, vc, table, seqlens, cu_seqlens_q=cu, return_lse=True, **kw)
-    assert (out64 - ref).abs().max() <= 1e-10, seed
-    assert (lse64 - ref_lse).abs().max() <= 1e-10, seed
+    floor64 = attention_floors(q, kc, vc, **floor_kw)
+    assert_fa_rule("float64 out", out64, ref, None, floor=floor64["out_alone"], seed=seed)
+    assert_fa_rule("float64 lse", lse64, ref_lse, None, floor=floor64["lse"], seed=seed)
     args = [t.to(dtype) for t in (q, kc, vc)]
-    slopes = kw.pop("alibi_slopes", None)
     kw["alibi_slopes"] = None if slopes is None else slopes.float()
     out, lse = paged_attention(*args, table, seqlens, cu_seqlens_q=cu, return_lse=True, **kw)
     naive, naive_lse = paged_attention_reference(*args, table, seqlens, cu_seqlens_q=cu, return_lse=True, **kw)
     assert out.dtype == dtype and out.shape == q.shape
-    bound = 2 * (naive.double() - ref).abs().max() + 1e-6
-    assert (out.double() - ref).abs().max() <= bound, seed
+    floor = attention_floors(*args, **floor_kw)
+    assert_fa_rule(f"{dtype} out", out, ref, naive, floor=floor["out"], seed=seed)
     assert lse.dtype == torch.float32
-    assert (lse.double() - ref_lse).abs().max() <= 2 * (naive_lse.double() - ref_lse).abs().max() + 1e-5, seed
+    assert_fa_rule(f"{dtype} lse", lse, ref_lse, naive_lse, floor=floor["lse"], seed=seed)
     assert not torch.isnan(out).any()
 
 
