@@ -77,6 +77,14 @@ def amax(t) -> float:
     return t.abs().max().item() if t.numel() else 0.0
 
 
+def max_row_norm(t) -> float:
+    """The largest 2-norm of t's last-dim rows over finite rows (0 for None or empty)."""
+    if t is None or t.numel() == 0:
+        return 0.0
+    norms = t.detach().double().norm(dim=-1)
+    return amax(norms)
+
+
 def attention_floors(q, k, v, dout=None, dlse=None, *, scale=None, bias=None, keys=None, rows=None,
                      c: float = C_FLOOR) -> dict:
     """`fa_floor` for each quantity of softmax attention, from its operands; keys: "out", "lse", "dq",
@@ -93,11 +101,14 @@ def attention_floors(q, k, v, dout=None, dlse=None, *, scale=None, bias=None, ke
       lse     m + log sum_j exp(s_ij - m)     Sk terms  of 1 (relative: log turns them absolute), plus
                                                         the scores' own floor (d lse / d s_ij = P_ij)
       out     sum_j P_ij v_j                  Sk terms  of Mv (a weighted average: running sums <= Mv)
-      dP      dO_i . v_j, delta_i = dO_i.O_i  D terms   of Mdo Mv each, so |dS_ij| = P |dP - delta + dlse|
-                                                        <= B := 2 sqrt(D) Mdo Mv + Mdlse; B also bounds
-                                                        the errors of dS in units of eps (FA-2 forms
-                                                        delta from O, the naive backward from P dP:
-                                                        where dS is exactly 0 the two still differ)
+      dP      dO_i . v_j, delta_i = dO_i.O_i  D terms; by Cauchy-Schwarz |dP_ij| <= |dO_i| |v_j| and
+                                                        |delta_i| <= |dO_i| max_j |v_j| (O_i is an average
+                                                        of the v_j), so |dS_ij| = P |dP - delta + dlse|
+                                                        <= B := 2 Ndo Nv + Mdlse (Nx = the largest row
+                                                        2-norm of x); B also bounds the errors of dS in
+                                                        units of eps (FA-2 forms delta from O, the naive
+                                                        backward from P dP: where dS is exactly 0 the two
+                                                        still differ)
       dq_i    s sum_j dS_ij k_j               Sk terms  of s B Mk
       dk_j    s sum_i dS_ij q_i               rows      of s B Mq
       dv_j    sum_i P_ij dO_i                 rows      of Mdo
@@ -124,7 +135,7 @@ def attention_floors(q, k, v, dout=None, dlse=None, *, scale=None, bias=None, ke
     # sum's rounding (lse's floor) moves out_i by sum_j P_ij (v_j - out_i) d_ij <= 2 Mv max|d|.
     out["out_alone"] = out["out"] + 2 * mv * out["lse"]
     if dout is not None:
-        b = 2 * math.sqrt(d) * amax(dout) * mv + amax(dlse)
+        b = 2 * max_row_norm(dout) * max_row_norm(v) + amax(dlse)
         out.update(dq=fa_floor(dt, s * b * mk, sk, c), dk=fa_floor(dt, s * b * mq, nq, c),
                    dv=fa_floor(dt, amax(dout), nq, c))
         p_rel = 2 * out["lse"]
