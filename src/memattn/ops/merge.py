@@ -1,10 +1,9 @@
 """Stable merge of two partial attention results that saw disjoint sets of keys (the public pairwise
-form of ``kernels.merge``, which merges any number)."""
+form of ``kernels.merge``'s formula, which merges any number)."""
 from __future__ import annotations
 
 import torch
 
-from ..kernels.merge import merge_weights
 
 
 def merge_attention(out_a, lse_a, out_b, lse_b):
@@ -25,7 +24,16 @@ def merge_attention(out_a, lse_a, out_b, lse_b):
         raise ValueError(
             f"lse shape {tuple(lse_a.shape)} does not match out shape {tuple(out_a.shape)}: "
             "expected lse (..., H, S) for out (..., S, H, D)")
-    c, lse = merge_weights(torch.stack((lse_a, lse_b)), 0)
-    # (2, ..., H, S) -> (2, ..., S, H, 1) to scale the outputs
-    c = c.transpose(-1, -2).unsqueeze(-1)
-    return out_a * c[0] + out_b * c[1], lse[0]
+    # The pairwise form of kernels.merge's formula, written out elementwise: the schedules call it once per
+    # extra key segment of a query block (many times under block-sparse masks), and stacking the two lse
+    # for the N-way form measurably slowed those (bigbird forward ~10%, benchmarks/results/ab_issue12.json).
+    m = torch.maximum(lse_a, lse_b)
+    m = torch.where(torch.isneginf(m), torch.zeros_like(m), m)
+    wa, wb = torch.exp(lse_a - m), torch.exp(lse_b - m)
+    total = wa + wb
+    lse = m + torch.log(total)  # total 0 (neither part saw a key) -> -inf
+    total = torch.where(total == 0, torch.ones_like(total), total)
+    # (..., H, S) -> (..., S, H, 1) to scale the outputs
+    ca = (wa / total).transpose(-1, -2).unsqueeze(-1)
+    cb = (wb / total).transpose(-1, -2).unsqueeze(-1)
+    return out_a * ca + out_b * cb, lse
