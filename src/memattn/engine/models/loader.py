@@ -158,33 +158,80 @@ def load_folder(folder: str, *, dtype=torch.float32, device="cpu"):
 
 
 class ByteTokenizer:
-    """For random models without a tokenizer: token id = UTF-8 byte value (needs vocab >= 256)."""
+    """For random models without a tokenizer: token id = UTF-8 byte value (needs vocab >= 256).
 
-    def encode(self, text: str) -> list[int]:
+    Carries the same chat attributes as ``HFTokenizer`` (no template, no special tokens)."""
+
+    chat_template = None
+    bos_token = eos_token = None
+    bos_token_id = eos_token_id = None
+    add_bos_token = False
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return list(text.encode("utf-8"))
 
-    def decode(self, ids) -> str:
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
 
 
 class HFTokenizer:
-    """A ``tokenizers`` tokenizer.json, with encode/decode on plain lists."""
+    """A ``tokenizers`` Tokenizer with encode/decode on plain lists, plus what chat needs.
 
-    def __init__(self, path: str):
-        from tokenizers import Tokenizer
+    Attributes (the interface every engine tokenizer offers; ``ByteTokenizer`` and the GGUF tokenizer too):
+        chat_template: the Jinja chat template (str) or None.
+        bos_token, eos_token: their strings or None; bos_token_id, eos_token_id: ids or None.
+        add_bos_token: whether ``encode(text)`` already prepends BOS (the tokenizer's post-processor does it).
+    """
 
-        self.tok = Tokenizer.from_file(path)
+    def __init__(self, tokenizer, *, chat_template=None, bos_token=None, eos_token=None, add_bos_token=None):
+        if isinstance(tokenizer, str):
+            from tokenizers import Tokenizer
 
-    def encode(self, text: str) -> list[int]:
-        return self.tok.encode(text).ids
+            tokenizer = Tokenizer.from_file(tokenizer)
+        self.tok = tokenizer
+        self.chat_template = chat_template
+        self.bos_token, self.eos_token = bos_token, eos_token
+        self.bos_token_id = None if bos_token is None else self.tok.token_to_id(bos_token)
+        self.eos_token_id = None if eos_token is None else self.tok.token_to_id(eos_token)
+        # does the post-processor already prepend BOS? (then add_bos_token must not add a second one)
+        ids = self.tok.encode("").ids
+        processor_adds = self.bos_token_id is not None and bool(ids) and ids[0] == self.bos_token_id
+        self.add_bos_token = processor_adds if add_bos_token is None else bool(add_bos_token)
+        self._prepend_bos = self.add_bos_token and not processor_adds and self.bos_token_id is not None
 
-    def decode(self, ids) -> str:
-        return self.tok.decode(list(ids), skip_special_tokens=True)
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        ids = self.tok.encode(text, add_special_tokens=add_special_tokens).ids
+        return [self.bos_token_id] + ids if add_special_tokens and self._prepend_bos else ids
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+
+def _token_str(value):
+    """tokenizer_config.json writes special tokens as a string or as an AddedToken dict ({"content": ...})."""
+    return value.get("content") if isinstance(value, dict) else value
 
 
 def load_tokenizer(folder: str):
+    """The folder's tokenizer.json as an ``HFTokenizer`` (None if absent), with the chat template from
+    chat_template.jinja or tokenizer_config.json's ``chat_template`` and the special tokens from the latter."""
     path = os.path.join(folder, "tokenizer.json")
-    return HFTokenizer(path) if os.path.exists(path) else None
+    if not os.path.exists(path):
+        return None
+    cfg = {}
+    cfg_path = os.path.join(folder, "tokenizer_config.json")
+    if os.path.exists(cfg_path):
+        with open(cfg_path) as f:
+            cfg = json.load(f)
+    template = cfg.get("chat_template")
+    if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}, ...]
+        template = next((t["template"] for t in template if t.get("name") == "default"), None)
+    jinja = os.path.join(folder, "chat_template.jinja")
+    if os.path.exists(jinja):
+        with open(jinja) as f:
+            template = f.read()
+    return HFTokenizer(path, chat_template=template, bos_token=_token_str(cfg.get("bos_token")),
+                       eos_token=_token_str(cfg.get("eos_token")), add_bos_token=cfg.get("add_bos_token"))
 
 
 def load_model(model, *, dtype=torch.float32, device="cpu", seed: int = 0):
