@@ -108,6 +108,12 @@ def build_model(cfg: ModelConfig, *, dtype=torch.float32, device="cpu", seed: in
     return model.to(device=device, dtype=dtype).eval()
 
 
+def meta_model(cfg: ModelConfig):
+    """The model of cfg on the meta device, its parameters waiting for a checkpoint's tensors."""
+    with torch.device("meta"):
+        return (GPT2LMHeadModel if cfg.arch == "gpt2" else LlamaForCausalLM)(cfg)
+
+
 def _read_safetensors(folder: str) -> dict:
     from safetensors.torch import load_file
 
@@ -135,9 +141,8 @@ def load_folder(folder: str, *, dtype=torch.float32, device="cpu"):
             eos = _eos(json.load(f))
         if eos:
             cfg = ModelConfig(**{**cfg.__dict__, "eos_token_ids": tuple(dict.fromkeys(cfg.eos_token_ids + eos))})
-    cls = GPT2LMHeadModel if cfg.arch == "gpt2" else LlamaForCausalLM
-    with torch.device("meta"):
-        model = cls(cfg)
+    model = meta_model(cfg)
+    cls = type(model)
     state = _read_safetensors(folder)
     if cfg.arch == "gpt2":
         state = {(k if k.startswith(("transformer.", "lm_head.")) else "transformer." + k): v for k, v in state.items()}
@@ -235,17 +240,24 @@ def load_tokenizer(folder: str):
 
 
 def load_model(model, *, dtype=torch.float32, device="cpu", seed: int = 0):
-    """(model, config, tokenizer) from a folder path, a preset name, a HF config dict or a ModelConfig."""
+    """(model, config, tokenizer) from a folder path, a ``.gguf`` file, a preset name, a HF config dict or a
+    ModelConfig."""
     if isinstance(model, str) and os.path.isdir(model):
         return load_folder(model, dtype=dtype, device=device)
+    if isinstance(model, str) and model.lower().endswith(".gguf"):
+        if not os.path.isfile(model):
+            raise ValueError(f"GGUF file {model} does not exist")
+        from .gguf_loader import load_gguf
+
+        return load_gguf(model, dtype=dtype, device=device)
     if isinstance(model, str):
         if model not in PRESETS:
-            raise ValueError(f"{model!r} is neither a local folder nor a preset ({', '.join(PRESETS)})")
+            raise ValueError(f"{model!r} is neither a local folder, a .gguf file nor a preset ({', '.join(PRESETS)})")
         model = PRESETS[model]
     cfg = model if isinstance(model, ModelConfig) else config_from_hf(dict(model))
     tok = ByteTokenizer() if cfg.vocab_size >= 256 else None
     return build_model(cfg, dtype=dtype, device=device, seed=seed), cfg, tok
 
 
-__all__ = ["PRESETS", "config_from_hf", "build_model", "load_folder", "load_model", "load_tokenizer",
+__all__ = ["PRESETS", "config_from_hf", "build_model", "meta_model", "load_folder", "load_model", "load_tokenizer",
            "ByteTokenizer", "HFTokenizer"]
