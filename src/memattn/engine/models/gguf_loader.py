@@ -111,7 +111,7 @@ class _Meta:
 
 # ----------------------------------------------------------------------------------------------- config
 
-def _config(meta: _Meta, arch: str, names: set, path: str) -> ModelConfig:
+def _config(meta: _Meta, arch: str, names: set, tie: bool, path: str) -> ModelConfig:
     a = arch
     bos = meta.get("tokenizer.ggml.bos_token_id")
     eos = tuple(dict.fromkeys(i for i in (meta.get(f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom"))
@@ -125,7 +125,6 @@ def _config(meta: _Meta, arch: str, names: set, path: str) -> ModelConfig:
     heads = meta.need(f"{a}.attention.head_count")
     ctx = meta.get(f"{a}.context_length", 2048)
     ffn = meta.need(f"{a}.feed_forward_length")
-    tie = "output.weight" not in names
     try:
         if arch == "gpt2":
             return ModelConfig("gpt2", vocab, hidden, layers, heads, heads, ffn, ctx,
@@ -165,10 +164,12 @@ def _unpermute(w: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 def _targets(cfg: ModelConfig, arch: str):
-    """{gguf name: (engine parameter name, first row in it, transform or None)} for every tensor a file may hold."""
+    """{gguf name: (engine parameter name, its rows this tensor fills or None for all, transform)}.
+
+    transform: None, "t" (stored transposed: gpt2's Conv1D) or the head count to unpermute the rows by."""
     out = {}
     if cfg.arch == "gpt2":
-        t = lambda w: w.t()  # noqa: E731  (out, in) -> Conv1D's (in, out)
+        t = "t"  # (out, in) in the file -> Conv1D's (in, out)
         out.update({"token_embd.weight": ("transformer.wte.weight", None, None),
                     "position_embd.weight": ("transformer.wpe.weight", None, None),
                     "output_norm.weight": ("transformer.ln_f.weight", None, None),
@@ -184,23 +185,23 @@ def _targets(cfg: ModelConfig, arch: str):
         return out
     h, hkv, d, n = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size
     permuted = arch != "qwen2"
-    q_tr = (lambda w: _unpermute(w, h)) if permuted else None
-    k_tr = (lambda w: _unpermute(w, hkv)) if permuted else None
+    q_tr, k_tr = (h, hkv) if permuted else (None, None)
     out.update({"token_embd.weight": ("model.embed_tokens.weight", None, None),
                 "output_norm.weight": ("model.norm.weight", None, None),
                 "output.weight": ("lm_head.weight", None, None)})
+    qkv = (("attn_q", slice(0, h * d), q_tr), ("attn_k", slice(h * d, (h + hkv) * d), k_tr),
+           ("attn_v", slice((h + hkv) * d, (h + 2 * hkv) * d), None))
     for i in range(cfg.num_layers):
         p = f"model.layers.{i}."
         out[f"blk.{i}.attn_norm.weight"] = (p + "input_layernorm.weight", None, None)
         out[f"blk.{i}.ffn_norm.weight"] = (p + "post_attention_layernorm.weight", None, None)
         for kind in ("weight", "bias"):
             a, m = p + "self_attn.", p + "mlp."
-            out[f"blk.{i}.attn_q.{kind}"] = (f"{a}qkv_proj.{kind}", 0, q_tr)
-            out[f"blk.{i}.attn_k.{kind}"] = (f"{a}qkv_proj.{kind}", h * d, k_tr)
-            out[f"blk.{i}.attn_v.{kind}"] = (f"{a}qkv_proj.{kind}", (h + hkv) * d, None)
+            for g, rows, tr in qkv:
+                out[f"blk.{i}.{g}.{kind}"] = (f"{a}qkv_proj.{kind}", rows, tr)
             out[f"blk.{i}.attn_output.{kind}"] = (f"{a}o_proj.{kind}", None, None)
-            out[f"blk.{i}.ffn_gate.{kind}"] = (f"{m}gate_up_proj.{kind}", 0, None)
-            out[f"blk.{i}.ffn_up.{kind}"] = (f"{m}gate_up_proj.{kind}", n, None)
+            out[f"blk.{i}.ffn_gate.{kind}"] = (f"{m}gate_up_proj.{kind}", slice(0, n), None)
+            out[f"blk.{i}.ffn_up.{kind}"] = (f"{m}gate_up_proj.{kind}", slice(n, 2 * n), None)
             out[f"blk.{i}.ffn_down.{kind}"] = (f"{m}down_proj.{kind}", None, None)
     return out
 
@@ -256,34 +257,36 @@ def _load_weights(model, reader, cfg: ModelConfig, arch: str, path: str, dtype, 
     shapes = dict(model.named_parameters(remove_duplicate=False))
     targets = _targets(cfg, arch)
     tensors = {t.name: t for t in reader.tensors}
-    if cfg.arch == "gpt2" and "output.weight" in tensors and _same_bytes(tensors["output.weight"],
-                                                                          tensors["token_embd.weight"]):
-        tensors.pop("output.weight")
+    if cfg.tie_word_embeddings:
+        tensors.pop("output.weight", None)  # a copy of token_embd (see _tied)
     rope_freqs = tensors.pop("rope_freqs.weight", None)
     unknown = [n for n in tensors if n not in targets]
     if unknown:
         raise _fail(path, f"tensors {unknown[:5]} ({len(unknown)} in all) have no place in a {arch} model")
     filled = {}  # engine parameter -> rows filled so far
     for name, t in tensors.items():
-        pname, row, transform = targets[name]
+        pname, rows, transform = targets[name]
         if pname not in shapes:
             raise _fail(path, f"tensor {name} has no place in this {arch} model (its config has no {pname})")
-        w = _dequantize(t, path)
-        if transform is not None:
-            w = transform(w)
         full = tuple(shapes[pname].shape)
-        want = full if row is None else (None,) + full[1:]
-        if w.dim() != len(full) or any(a is not None and a != b for a, b in zip(want, w.shape)) or \
-                (row is not None and row + w.shape[0] > full[0]):
-            raise _fail(path, f"tensor {name} has shape {tuple(w.shape)}, the model wants "
-                              f"{full if row is None else f'rows {row}.. of {full}'} for {pname}")
+        want = full if rows is None else (rows.stop - rows.start,) + full[1:]
+        shape = tuple(int(x) for x in reversed(t.shape.tolist()))
+        if transform == "t":
+            shape = shape[::-1]
+        if shape != want:
+            raise _fail(path, f"tensor {name} has shape {shape}, the model (from the file's metadata) wants {want}"
+                              f"{'' if rows is None else f' (rows {rows.start}:{rows.stop} of {pname} {full})'}")
+        w = _dequantize(t, path)
+        if transform == "t":
+            w = w.t()
+        elif transform is not None:
+            w = _unpermute(w, transform)
         if pname not in filled:
-            param = torch.empty(full, dtype=dtype, device=device)
-            _set_param(model, pname, param)
+            _set_param(model, pname, torch.empty(full, dtype=dtype, device=device))
             filled[pname] = 0
         param = model.get_parameter(pname)
         with torch.no_grad():
-            (param if row is None else param[row:row + w.shape[0]]).copy_(w)
+            (param if rows is None else param[rows]).copy_(w)
         filled[pname] += w.shape[0]
         del w
     if cfg.tie_word_embeddings:
@@ -306,9 +309,13 @@ def _load_weights(model, reader, cfg: ModelConfig, arch: str, path: str, dtype, 
         model.inv_freq = inv.to(device)
 
 
-def _same_bytes(a, b) -> bool:
-    return a.tensor_type == b.tensor_type and a.data.nbytes == b.data.nbytes and \
-        bool(np.array_equal(a.data.reshape(-1).view(np.uint8), b.data.reshape(-1).view(np.uint8)))
+def _tied(tensors: dict) -> bool:
+    """No output.weight, or one byte-identical to token_embd (llama.cpp's gpt2 files repeat it): tie them."""
+    out, emb = tensors.get("output.weight"), tensors.get("token_embd.weight")
+    if out is None:
+        return True
+    return emb is not None and out.tensor_type == emb.tensor_type and out.data.nbytes == emb.data.nbytes and \
+        bool(np.array_equal(out.data.reshape(-1).view(np.uint8), emb.data.reshape(-1).view(np.uint8)))
 
 
 # ----------------------------------------------------------------------------------------------- tokenizer
@@ -418,7 +425,8 @@ def load_gguf(path: str, *, dtype=torch.float32, device="cpu"):
     if arch not in ARCHS:
         raise _fail(path, f"architecture {arch!r} is not supported; choose from {ARCHS}")
     _check_types(reader.tensors, path)
-    cfg = _config(meta, arch, {t.name for t in reader.tensors}, path)
+    tensors = {t.name: t for t in reader.tensors}
+    cfg = _config(meta, arch, set(tensors), _tied(tensors), path)
     tokenizer = _tokenizer(meta, path)
     model = meta_model(cfg)
     _load_weights(model, reader, cfg, arch, path, dtype, device)
