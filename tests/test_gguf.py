@@ -121,7 +121,7 @@ def smol_runs(smol):
     ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
     with torch.no_grad():
-        gen = hf.generate(ids, attention_mask=mask, max_new_tokens=32, min_new_tokens=32)[:, width:].tolist()
+        gen = hf.generate(ids, attention_mask=mask, max_new_tokens=32)[:, width:].tolist()
         full = [p + o.outputs[0].token_ids[:-1] for p, o in zip(prompts, outs)]
         width = max(map(len, full))
         logits = hf(torch.tensor([f + [0] * (width - len(f)) for f in full]),
@@ -226,7 +226,7 @@ def _train_vocab(kind: str, size: int):
 
 
 def write_gguf(path, arch: str, *, types=(Q.F32,), tied=None, pre="gpt2", vocab_kind="gpt2", seed=0,
-               preset=None, extra=None):
+               preset=None, extra=None, extra_tensors=None):
     """A GGUF file of a random transformers model (returns the model): 2-D weights stored in `types` in turn,
     1-D ones (norms, biases) in F32; a tokenizer of `vocab_kind` (pre-tokenizer `pre`)."""
     preset = preset or {"llama": "tiny-llama", "qwen2": "tiny-qwen2", "gpt2": "tiny-gpt2"}[arch]
@@ -303,6 +303,8 @@ def write_gguf(path, arch: str, *, types=(Q.F32,), tied=None, pre="gpt2", vocab_
         written[gname] = qtype
         data = _encode(np.ascontiguousarray(arr), qtype, seed + n2d)
         w.add_tensor(gname, data, raw_dtype=qtype)
+    for gname, arr in (extra_tensors or {}).items():
+        w.add_tensor(gname, arr)
     _finish(w)
     return hf
 
@@ -391,6 +393,23 @@ def test_other_dtypes(tmp_path):
         model, _, _ = load_gguf(str(tmp_path / "m.gguf"), dtype=dtype)
         for (n, p), (_, r) in zip(model.named_parameters(), ref.named_parameters()):
             assert p.dtype == dtype and torch.equal(p, r.to(dtype)), n
+
+
+def test_llama3_rope_freqs_and_sliding_window(tmp_path):
+    """llama.cpp writes llama3 rope scaling as a rope_freqs tensor of per-frequency divisors; Mistral-style files
+    carry llama.attention.sliding_window."""
+    from memattn.engine.models.common import rope_inv_freq
+
+    cfg = PRESETS["tiny-llama3"]
+    d = cfg["hidden_size"] // cfg["num_attention_heads"]
+    plain = rope_inv_freq(d, cfg["rope_theta"], None)
+    scaled = rope_inv_freq(d, cfg["rope_theta"], cfg["rope_scaling"])
+    path = tmp_path / "l3.gguf"
+    write_gguf(path, "llama", preset="tiny-llama3", extra={"llama.attention.sliding_window": 24},
+               extra_tensors={"rope_freqs.weight": (plain / scaled).numpy()})
+    model, mc, _ = load_gguf(str(path))
+    assert torch.allclose(model.inv_freq, scaled, rtol=4 * EPS32, atol=0)
+    assert mc.windows == (24,) * mc.num_layers and mc.rope_theta == cfg["rope_theta"]
 
 
 # ----------------------------------------------------------------------------------------- every tensor type

@@ -1,9 +1,10 @@
 """Load a GGUF file (llama.cpp's format): the config from its metadata, the tokenizer from its vocabulary, and
 every tensor dequantised into the engine's dtype, one tensor at a time.
 
-The model is built on the meta device; each engine parameter is allocated on the target device when the first
-GGUF tensor feeding it is read, then filled (a fused ``qkv_proj`` / ``gate_up_proj`` takes its parts' rows in
-turn). So the load holds the final weights plus one dequantised tensor, never a whole float state dict.
+The model is built with untouched, uninitialised parameters (``loader.empty_model``); each engine parameter is
+allocated anew on the target device when the first GGUF tensor feeding it is read, then filled a few MiB of rows
+at a time (a fused ``qkv_proj`` / ``gate_up_proj`` takes its parts' rows in turn). So the load holds the final
+weights, the file's mapped pages and one small chunk of dequantised rows, never a whole float state dict.
 
 What GGUF does differently from a Hugging Face checkpoint, undone here:
 - llama.cpp permutes the rows of llama's q/k projections (interleaved rotary pairs instead of rotate-half halves):
@@ -139,7 +140,8 @@ def _config(meta: _Meta, arch: str, names: set, tie: bool, path: str) -> ModelCo
             scaling = dict(rope_type="linear", factor=float(meta.need(f"{a}.rope.scaling.factor")))
         elif kind not in (None, "none"):
             raise _fail(path, f"rope scaling {kind!r} is not supported (none, linear; llama3 via rope_freqs)")
-        window = meta.get(f"{a}.attention.sliding_window")
+        # qwen2's window is off unless use_sliding_window (which GGUF does not carry): only llama/mistral take it
+        window = meta.get(f"{a}.attention.sliding_window") if arch != "qwen2" else None
         return ModelConfig(
             "llama", vocab, hidden, layers, heads, kv, ffn, ctx, head_dim=head_dim,
             norm_eps=meta.get(f"{a}.attention.layer_norm_rms_epsilon", 1e-6),
@@ -224,26 +226,58 @@ def _check_types(tensors, path: str):
                               "dequantised by the gguf package") from None
 
 
-def _dequantize(t, path: str) -> torch.Tensor:
-    """One tensor as a float32 (F16/BF16: its own dtype) CPU tensor in torch's (reversed ggml) shape."""
+_CHUNK_BYTES = 16 << 20  # float32 bytes dequantised at a time (gguf.quants holds about twice its output)
+
+
+def _shape(t) -> tuple:
+    return tuple(int(x) for x in reversed(t.shape.tolist()))
+
+
+def _check_bytes(t, path: str) -> None:
     import gguf
 
-    shape = tuple(int(x) for x in reversed(t.shape.tolist()))
+    shape = _shape(t)
     block, size = gguf.GGML_QUANT_SIZES[t.tensor_type]
     n = int(np.prod(shape, dtype=np.int64))
-    if shape[-1] % block or t.data.nbytes != n // block * size:
+    if not shape or shape[-1] % block or t.data.nbytes != n // block * size:
         raise _fail(path, f"tensor {t.name} ({t.tensor_type.name}, shape {shape}) holds {t.data.nbytes} bytes, "
                           f"expected {n // block * size} (truncated or corrupt)")
+
+
+def _dequantize(t, path: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
+    """Rows start:stop (first axis of torch's shape, the reversed ggml one) of a tensor, dequantised: a float32
+    CPU tensor (F16 stays float16, converted by the copy into the parameter)."""
+    import gguf
+
+    shape = _shape(t)
+    data = t.data.reshape(shape[0], -1)[start:stop] if len(shape) > 1 else t.data
     if t.tensor_type == gguf.GGMLQuantizationType.F16:
-        arr = t.data.view(np.float16)
+        arr = data.view(np.float16)
     else:
         try:
-            arr = gguf.quants.dequantize(t.data, t.tensor_type)
+            arr = gguf.quants.dequantize(data, t.tensor_type)
         except Exception as e:
             raise _fail(path, f"tensor {t.name} ({t.tensor_type.name}) does not dequantise ({e})") from None
     with warnings.catch_warnings():  # a read-only mmap view: we only read it (copied into the parameter)
         warnings.simplefilter("ignore", UserWarning)
-        return torch.from_numpy(arr).reshape(shape)
+        return torch.from_numpy(arr).reshape((data.shape[0],) + shape[1:] if len(shape) > 1 else shape)
+
+
+def _copy_in(dest: torch.Tensor, t, transform, path: str) -> None:
+    """Dequantise t into dest (a parameter or its rows), a few MiB of rows at a time; transform as _targets'."""
+    shape = _shape(t)
+    if transform == "t":
+        dest = dest.t()  # Conv1D's (in, out) seen as the file's (out, in)
+    if len(shape) == 1:
+        dest.copy_(_dequantize(t, path))
+        return
+    unit = shape[0] // transform if isinstance(transform, int) else 1  # unpermute whole heads
+    step = max(1, _CHUNK_BYTES // (4 * int(np.prod(shape[1:]))) // unit) * unit
+    for r0 in range(0, shape[0], step):
+        w = _dequantize(t, path, r0, r0 + step)
+        if isinstance(transform, int):
+            w = _unpermute(w, w.shape[0] // unit)
+        dest[r0:r0 + w.shape[0]].copy_(w)
 
 
 def _set_param(model: nn.Module, name: str, value: torch.Tensor) -> None:
@@ -270,25 +304,18 @@ def _load_weights(model, reader, cfg: ModelConfig, arch: str, path: str, dtype, 
             raise _fail(path, f"tensor {name} has no place in this {arch} model (its config has no {pname})")
         full = tuple(shapes[pname].shape)
         want = full if rows is None else (rows.stop - rows.start,) + full[1:]
-        shape = tuple(int(x) for x in reversed(t.shape.tolist()))
-        if transform == "t":
-            shape = shape[::-1]
+        shape = _shape(t)[::-1] if transform == "t" else _shape(t)
         if shape != want:
             raise _fail(path, f"tensor {name} has shape {shape}, the model (from the file's metadata) wants {want}"
                               f"{'' if rows is None else f' (rows {rows.start}:{rows.stop} of {pname} {full})'}")
-        w = _dequantize(t, path)
-        if transform == "t":
-            w = w.t()
-        elif transform is not None:
-            w = _unpermute(w, transform)
+        _check_bytes(t, path)
         if pname not in filled:
             _set_param(model, pname, torch.empty(full, dtype=dtype, device=device))
             filled[pname] = 0
         param = model.get_parameter(pname)
         with torch.no_grad():
-            (param if rows is None else param[rows]).copy_(w)
-        filled[pname] += w.shape[0]
-        del w
+            _copy_in(param if rows is None else param[rows], t, transform, path)
+        filled[pname] += full[0] if rows is None else rows.stop - rows.start
     if cfg.tie_word_embeddings:
         emb = "transformer.wte.weight" if cfg.arch == "gpt2" else "model.embed_tokens.weight"
         if emb in filled:
@@ -302,6 +329,7 @@ def _load_weights(model, reader, cfg: ModelConfig, arch: str, path: str, dtype, 
 
         inv = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
         if rope_freqs is not None:  # llama3-style scaling written as per-frequency divisors
+            _check_bytes(rope_freqs, path)
             f = _dequantize(rope_freqs, path).float().reshape(-1)
             if f.numel() != inv.numel():
                 raise _fail(path, f"rope_freqs has {f.numel()} entries, head_dim {cfg.head_dim} wants {inv.numel()}")
@@ -416,7 +444,7 @@ def _tokenizer(meta: _Meta, path: str):
 def load_gguf(path: str, *, dtype=torch.float32, device="cpu"):
     """(model, config, tokenizer or None) from a GGUF file: llama (SmolLM2, Mistral-style), qwen2 or gpt2,
     any tensor type ``gguf.quants`` dequantises, weights in ``dtype`` on ``device``."""
-    from .loader import meta_model
+    from .loader import empty_model
 
     path = os.fspath(path)
     reader = _reader(path)
@@ -428,7 +456,7 @@ def load_gguf(path: str, *, dtype=torch.float32, device="cpu"):
     tensors = {t.name: t for t in reader.tensors}
     cfg = _config(meta, arch, set(tensors), _tied(tensors), path)
     tokenizer = _tokenizer(meta, path)
-    model = meta_model(cfg)
+    model = empty_model(cfg)
     _load_weights(model, reader, cfg, arch, path, dtype, device)
     return model.to(device=device, dtype=dtype).eval(), cfg, tokenizer
 

@@ -108,10 +108,28 @@ def build_model(cfg: ModelConfig, *, dtype=torch.float32, device="cpu", seed: in
     return model.to(device=device, dtype=dtype).eval()
 
 
-def meta_model(cfg: ModelConfig):
-    """The model of cfg on the meta device, its parameters waiting for a checkpoint's tensors."""
-    with torch.device("meta"):
-        return (GPT2LMHeadModel if cfg.arch == "gpt2" else LlamaForCausalLM)(cfg)
+_INITS = ("normal_", "uniform_", "kaiming_uniform_", "trunc_normal_", "xavier_uniform_", "ones_", "zeros_")
+
+
+def empty_model(cfg: ModelConfig):
+    """The model of cfg on the CPU, its parameters allocated but never initialised nor touched (so they take
+    address space, not memory), waiting for a checkpoint's tensors to replace them.
+
+    Not the meta device: there, the constructors' ``normal_`` and rotary arithmetic go through torch's Python
+    decompositions, whose first use imports torch._dynamo (seconds, and ~130 MiB resident). The init functions of
+    ``torch.nn.init`` are no-ops while the model is built (not thread-safe against another thread building a
+    module at the same moment)."""
+    import torch.nn.init as init
+
+    saved = {name: getattr(init, name) for name in _INITS}
+    try:
+        for name in _INITS:
+            setattr(init, name, lambda tensor, *args, **kwargs: tensor)
+        with torch.device("cpu"):
+            return (GPT2LMHeadModel if cfg.arch == "gpt2" else LlamaForCausalLM)(cfg)
+    finally:
+        for name, fn in saved.items():
+            setattr(init, name, fn)
 
 
 def _read_safetensors(folder: str) -> dict:
@@ -141,7 +159,7 @@ def load_folder(folder: str, *, dtype=torch.float32, device="cpu"):
             eos = _eos(json.load(f))
         if eos:
             cfg = ModelConfig(**{**cfg.__dict__, "eos_token_ids": tuple(dict.fromkeys(cfg.eos_token_ids + eos))})
-    model = meta_model(cfg)
+    model = empty_model(cfg)
     cls = type(model)
     state = _read_safetensors(folder)
     if cfg.arch == "gpt2":
@@ -259,5 +277,5 @@ def load_model(model, *, dtype=torch.float32, device="cpu", seed: int = 0):
     return build_model(cfg, dtype=dtype, device=device, seed=seed), cfg, tok
 
 
-__all__ = ["PRESETS", "config_from_hf", "build_model", "meta_model", "load_folder", "load_model", "load_tokenizer",
+__all__ = ["PRESETS", "config_from_hf", "build_model", "empty_model", "load_folder", "load_model", "load_tokenizer",
            "ByteTokenizer", "HFTokenizer"]
