@@ -507,17 +507,27 @@ def test_truncated_file(tmp_path):
             load_gguf(str(bad))
 
 
+def _patched(tmp_path, key: bytes, value: int, name: str):
+    """A copy of a small llama file with the uint32 metadata value of key replaced."""
+    data = _small(tmp_path).read_bytes()
+    at = data.index(key) + len(key) + 4  # past the key and the value type
+    bad = tmp_path / name
+    bad.write_bytes(data[:at] + np.uint32(value).tobytes() + data[at + 4:])
+    return str(bad)
+
+
 def test_wrong_tensor_shape(tmp_path):
-    """A file whose metadata says one shape and whose tensors hold another (here: 2 kv heads claimed, the
-    tensors written for 4)."""
-    path = _small(tmp_path)
-    reader_bytes = path.read_bytes()
-    key = b"llama.attention.head_count_kv"
-    at = reader_bytes.index(key) + len(key) + 4  # past the value type
-    bad = tmp_path / "shape.gguf"
-    bad.write_bytes(reader_bytes[:at] + np.uint32(1).tobytes() + reader_bytes[at + 4:])
-    with pytest.raises(ValueError, match=r"shape\.gguf: tensor blk\.0\.attn_k\.weight has shape"):
-        load_gguf(str(bad))
+    """Metadata saying one shape, tensors holding another (1 kv head claimed, the tensors written for 2)."""
+    bad = _patched(tmp_path, b"llama.attention.head_count_kv", 1, "shape.gguf")
+    with pytest.raises(ValueError, match=r"shape\.gguf: tensor blk\.0\.attn_k\.weight has shape \(32, 64\), .*"
+                                         r"wants \(16, 64\)"):
+        load_gguf(bad)
+
+
+def test_invalid_metadata(tmp_path):
+    bad = _patched(tmp_path, b"llama.attention.head_count", 3, "heads.gguf")  # 3 heads over 2 kv heads
+    with pytest.raises(ValueError, match=r"heads\.gguf: its metadata gives an invalid model shape .*num_heads 3"):
+        load_gguf(bad)
 
 
 def test_cli_generate_gguf(tmp_path, capsys):

@@ -121,17 +121,17 @@ def _config(meta: _Meta, arch: str, names: set, tie: bool, path: str) -> ModelCo
     if vocab is None:
         vocab = len(meta.fields["tokenizer.ggml.tokens"].data) if "tokenizer.ggml.tokens" in meta else None
     if vocab is None:
-        raise _fail(path, "neither {arch}.vocab_size nor tokenizer.ggml.tokens gives the vocabulary size")
+        raise _fail(path, f"neither {a}.vocab_size nor tokenizer.ggml.tokens gives the vocabulary size")
     hidden, layers = meta.need(f"{a}.embedding_length"), meta.need(f"{a}.block_count")
     heads = meta.need(f"{a}.attention.head_count")
     ctx = meta.get(f"{a}.context_length", 2048)
     ffn = meta.need(f"{a}.feed_forward_length")
-    try:
-        if arch == "gpt2":
-            return ModelConfig("gpt2", vocab, hidden, layers, heads, heads, ffn, ctx,
-                               norm_eps=meta.get(f"{a}.attention.layer_norm_epsilon", 1e-5),
-                               tie_word_embeddings=tie, hidden_act="gelu_new", bos_token_id=bos, eos_token_ids=eos,
-                               model_type="gpt2")
+    if arch == "gpt2":
+        build = lambda: ModelConfig(  # noqa: E731
+            "gpt2", vocab, hidden, layers, heads, heads, ffn, ctx,
+            norm_eps=meta.get(f"{a}.attention.layer_norm_epsilon", 1e-5), tie_word_embeddings=tie,
+            hidden_act="gelu_new", bos_token_id=bos, eos_token_ids=eos, model_type="gpt2")
+    else:
         kv = meta.get(f"{a}.attention.head_count_kv") or heads
         head_dim = meta.get(f"{a}.attention.key_length") or meta.get(f"{a}.rope.dimension_count")
         kind = meta.get(f"{a}.rope.scaling.type")
@@ -142,7 +142,7 @@ def _config(meta: _Meta, arch: str, names: set, tie: bool, path: str) -> ModelCo
             raise _fail(path, f"rope scaling {kind!r} is not supported (none, linear; llama3 via rope_freqs)")
         # qwen2's window is off unless use_sliding_window (which GGUF does not carry): only llama/mistral take it
         window = meta.get(f"{a}.attention.sliding_window") if arch != "qwen2" else None
-        return ModelConfig(
+        build = lambda: ModelConfig(  # noqa: E731
             "llama", vocab, hidden, layers, heads, kv, ffn, ctx, head_dim=head_dim,
             norm_eps=meta.get(f"{a}.attention.layer_norm_rms_epsilon", 1e-6),
             rope_theta=float(meta.get(f"{a}.rope.freq_base", 1e6 if arch == "qwen2" else 1e4)),
@@ -150,6 +150,8 @@ def _config(meta: _Meta, arch: str, names: set, tie: bool, path: str) -> ModelCo
             qkv_bias="blk.0.attn_q.bias" in names, o_bias="blk.0.attn_output.bias" in names,
             mlp_bias="blk.0.ffn_up.bias" in names, tie_word_embeddings=tie, hidden_act="silu",
             bos_token_id=bos, eos_token_ids=eos, model_type="mistral" if arch == "mistral" else arch)
+    try:
+        return build()
     except ValueError as e:
         raise _fail(path, f"its metadata gives an invalid model shape ({e})") from None
 
