@@ -73,7 +73,6 @@ def worker(args) -> int:
         import gguf  # noqa: F401
         import transformers  # noqa: F401
         from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
-        transformers.utils.logging.disable_progress_bar()
         load = _load_hf
     gc.collect()
     before = _status_bytes("VmRSS")
@@ -98,7 +97,8 @@ def _spawn(impl: str, path: str, tmp: str, threads) -> dict:
     out = os.path.join(tmp, f"{impl}.json")
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", impl, "--path", path, "--out", out]
     cmd += ["--threads", str(threads)] if threads else []
-    subprocess.run(cmd, check=True, env=dict(os.environ, TRANSFORMERS_VERBOSITY="error", HF_HUB_OFFLINE="1"))
+    subprocess.run(cmd, check=True, env=dict(os.environ, TRANSFORMERS_VERBOSITY="error", HF_HUB_OFFLINE="1",
+                                            TQDM_DISABLE="1"))  # transformers' GGUF tensor loop
     with open(out) as f:
         r = json.load(f)
     r["logits"] = torch.load(out + ".pt")
