@@ -178,8 +178,8 @@ DEFAULT_SEQ_LENS = [1024, 2048, 4096, 8192]
 def _sampling(args, **more):
     from .engine import SamplingParams
 
-    return SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                          max_tokens=args.max_tokens, **more)
+    return SamplingParams(**{**dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                    seed=args.seed, max_tokens=args.max_tokens), **more})
 
 
 def cmd_generate(args) -> int:

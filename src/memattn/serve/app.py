@@ -105,20 +105,21 @@ class _Handler:
                 self.engine.abort(sub)  # no-op for the finished ones: frees the blocks of the others now
 
     async def collect(self, request: Request, subs, queue, n: int):
-        """(texts by choice index, finish reasons by choice index, prompt tokens, completion tokens)."""
-        texts, reasons, prompt_tokens, completion_tokens = {}, {}, 0, 0
+        """(texts, token ids, finish reasons: each by choice index; prompt tokens, completion tokens)."""
+        texts, ids, reasons, prompt_tokens, completion_tokens = {}, {}, {}, 0, 0
         async for msg in self.messages(request, subs, queue, watch=True):
             if msg[0] == "delta":
-                _, tag, index, text, reason = msg
+                _, tag, index, text, token_ids, reason = msg
                 texts.setdefault(tag * n + index, []).append(text)
+                ids.setdefault(tag * n + index, []).extend(token_ids)
                 if reason:
                     reasons[tag * n + index] = reason
             else:
                 prompt_tokens, completion_tokens = prompt_tokens + msg[2], completion_tokens + msg[3]
-        return {i: "".join(t) for i, t in texts.items()}, reasons, prompt_tokens, completion_tokens
+        return {i: "".join(t) for i, t in texts.items()}, ids, reasons, prompt_tokens, completion_tokens
 
     async def stream(self, request: Request, subs, queue, n: int, chunk, include_usage: bool, first=None):
-        """Server-sent events: `first` chunks, then chunk(choice index, text, finish_reason) per delta,
+        """Server-sent events: `first` chunks, then chunk(choice index, text, finish_reason, ids) per delta,
         then the usage chunk (when asked for) and [DONE]. An error mid-stream is sent as an error event."""
         prompt_tokens = completion_tokens = 0
         try:
@@ -126,12 +127,13 @@ class _Handler:
                 yield sse(c)
             async for msg in self.messages(request, subs, queue, watch=False):
                 if msg[0] == "delta":
-                    _, tag, index, text, reason = msg
-                    yield sse(chunk(tag * n + index, text, reason))
+                    _, tag, index, text, token_ids, reason = msg
+                    yield sse(chunk(tag * n + index, text, reason, token_ids))
                 else:
                     prompt_tokens, completion_tokens = prompt_tokens + msg[2], completion_tokens + msg[3]
             if include_usage:
-                yield sse({**chunk(None, None, None), "choices": [], "usage": usage(prompt_tokens, completion_tokens)})
+                yield sse({**chunk(None, None, None, None), "choices": [],
+                           "usage": usage(prompt_tokens, completion_tokens)})
         except APIError as e:
             yield sse(e.body())
         yield sse("[DONE]")
@@ -139,6 +141,12 @@ class _Handler:
 
 def _n(req) -> int:
     return 1 if req.n is None else req.n
+
+
+def _ids(req, token_ids) -> dict:
+    """vLLM's ``return_token_ids`` extension: the sampled ids beside the text (the whole completion's in a
+    reply, the delta's in a chunk)."""
+    return {"token_ids": list(token_ids or [])} if (req.model_extra or {}).get("return_token_ids") is True else {}
 
 
 def _include_usage(req) -> bool:
@@ -211,16 +219,17 @@ def build_app(engine: EngineLoop, *, model_name: str, api_key: str | None = None
         if req.stream:
             extra = {"usage": None} if _include_usage(req) else {}
 
-            def chunk(i, text, reason):
-                return body([{"index": i, "text": text, "logprobs": None, "finish_reason": reason}], **extra)
+            def chunk(i, text, reason, token_ids):
+                return body([{"index": i, "text": text, "logprobs": None, "finish_reason": reason,
+                              **_ids(req, token_ids)}], **extra)
             return StreamingResponse(h.stream(request, subs, queue, n, chunk, _include_usage(req)),
                                      media_type="text/event-stream")
         try:
-            texts, reasons, pt, ct = await h.collect(request, subs, queue, n)
+            texts, ids, reasons, pt, ct = await h.collect(request, subs, queue, n)
         except _ClientGone:
             return Response(status_code=499)
-        choices = [{"index": i, "text": texts.get(i, ""), "logprobs": None, "finish_reason": reasons.get(i)}
-                   for i in range(len(prompts) * n)]
+        choices = [{"index": i, "text": texts.get(i, ""), "logprobs": None, "finish_reason": reasons.get(i),
+                    **_ids(req, ids.get(i, []))} for i in range(len(prompts) * n)]
         return body(choices, usage=usage(pt, ct))
 
     @app.post("/v1/chat/completions")
@@ -251,19 +260,19 @@ def build_app(engine: EngineLoop, *, model_name: str, api_key: str | None = None
         if req.stream:
             extra = {"usage": None} if _include_usage(req) else {}
 
-            def chunk(i, text, reason, delta=None):
+            def chunk(i, text, reason, token_ids, delta=None):
                 return {**body([{"index": i, "delta": delta if delta is not None else
-                                 ({"content": text} if text else {}), "logprobs": None, "finish_reason": reason}],
-                               **extra), "object": "chat.completion.chunk"}
-            first = [chunk(i, None, None, {"role": "assistant", "content": ""}) for i in range(n)]
+                                 ({"content": text} if text else {}), "logprobs": None, "finish_reason": reason,
+                                 **_ids(req, token_ids)}], **extra), "object": "chat.completion.chunk"}
+            first = [chunk(i, None, None, None, {"role": "assistant", "content": ""}) for i in range(n)]
             return StreamingResponse(h.stream(request, subs, queue, n, chunk, _include_usage(req), first),
                                      media_type="text/event-stream")
         try:
-            texts, reasons, pt, ct = await h.collect(request, subs, queue, n)
+            texts, ids, reasons, pt, ct = await h.collect(request, subs, queue, n)
         except _ClientGone:
             return Response(status_code=499)
         choices = [{"index": i, "message": {"role": "assistant", "content": texts.get(i, "")}, "logprobs": None,
-                    "finish_reason": reasons.get(i)} for i in range(n)]
+                    "finish_reason": reasons.get(i), **_ids(req, ids.get(i, []))} for i in range(n)]
         return body(choices, usage=usage(pt, ct))
 
     return app

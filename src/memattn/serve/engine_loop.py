@@ -5,8 +5,9 @@ thread adds requests, steps the engine (so every request in flight shares each f
 batching), detokenises each completion incrementally, matches stop strings on the text, and posts
 messages back onto the request's own asyncio queue with ``loop.call_soon_threadsafe``. Messages:
 
-    ("delta", tag, index, text, reason) new text of completion `index` of prompt `tag`; reason: None while
-                                        it runs, else "stop" / "length" (its last message)
+    ("delta", tag, index, text, ids, reason)  new text of completion `index` of prompt `tag` and the token
+                                        ids sampled since its last delta; reason: None while it runs, else
+                                        "stop" / "length" (its last message)
     ("done", tag, prompt_tokens, completion_tokens)   every completion of the prompt finished
     ("error", tag, APIError)            the request failed (engine error, shutdown): its last message
 
@@ -41,6 +42,7 @@ class _Completion:
     stops: StopStrings
     num_tokens: int = 0
     done: bool = False
+    new_ids: list = field(default_factory=list)  # sampled since the last delta
 
 
 @dataclass(eq=False)
@@ -69,13 +71,19 @@ class Submission:
 
     def post(self, *message) -> None:
         if not self.closed:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, message)
+            self._call(self.queue.put_nowait, message)
 
     def admit(self, error: APIError | None) -> None:
         """Answer the admission future (from any thread); an error closes the submission."""
         if error is not None:
             self.closed = True
-        self.loop.call_soon_threadsafe(_resolve, self.admission, error)
+        self._call(_resolve, self.admission, error)
+
+    def _call(self, fn, *args) -> None:
+        try:
+            self.loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:  # its event loop is closed: nobody is listening any more
+            self.closed = True
 
 
 def _resolve(future: asyncio.Future, value) -> None:
@@ -211,6 +219,7 @@ class EngineLoop:
         if comp.done:
             return
         comp.num_tokens += 1
+        comp.new_ids.append(ev.token_id)
         self.metrics.generated_tokens.inc()
         if not sub.first_token:
             sub.first_token = True
@@ -228,7 +237,8 @@ class EngineLoop:
             text += tail if stopped else tail + comp.stops.flush()
             reason = "stop" if stopped else reason
         if text or reason:
-            sub.post("delta", sub.tag, ev.index, text, reason)
+            sub.post("delta", sub.tag, ev.index, text, comp.new_ids, reason)
+            comp.new_ids = []
         if reason:
             comp.done = True
             self.metrics.finished_requests.labels(reason).inc()
