@@ -35,20 +35,13 @@ from memattn.engine import LLM, SamplingParams  # noqa: E402
 from memattn.engine.chat import encode_chat  # noqa: E402
 from memattn.serve.metrics import parse_metrics  # noqa: E402
 from memattn.testing import smollm2_folder  # noqa: E402
+from test_chat import one_thread  # noqa: E402,F401 - the module's autouse one-thread fixture
 
 KEY = "sekrit-key"
 TINY = "tiny-llama"
 TINY_ARGS = ["--num-kv-blocks", "256", "--max-num-seqs", "32"]
 SMOL_ARGS = ["--num-kv-blocks", "96", "--max-model-len", "512"]
 GAP = 1e-4  # a greedy divergence is excused only where the sequential run's top two logits were this close
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 class Server:

@@ -21,6 +21,7 @@ flight, since the failure cannot be pinned), frees their blocks, and the loop go
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
@@ -119,12 +120,12 @@ class EngineLoop:
 
     def submit(self, sub: Submission) -> None:
         """Queue a prompt; refused (an error message) once the loop is stopping."""
-        if self.stopping or not self._thread.is_alive():
-            sub.admit(APIError(503, "the server is shutting down"))
-            return
-        with self._cv:
-            self._inbox.append(sub)
-            self._cv.notify()
+        with self._cv:  # checked under the lock: the loop's last look at the inbox comes after `stopping`
+            if not (self.stopping or not self._thread.is_alive()):
+                self._inbox.append(sub)
+                self._cv.notify()
+                return
+        sub.admit(APIError(503, "the server is shutting down"))
 
     def abort(self, sub: Submission) -> None:
         """The client is gone: stop the request and free its blocks now (no further messages)."""
@@ -146,6 +147,14 @@ class EngineLoop:
     # ---- the thread -----------------------------------------------------------------------------------
 
     def _run(self) -> None:
+        try:
+            self._serve()
+        except BaseException as e:  # a bug of the loop itself: say so to every open request, never hang them
+            log.critical("the engine loop died: %s", "".join(traceback.format_exception(e)))
+            self.stopping = True
+            self._close_all([], APIError(500, f"the engine loop died: {type(e).__name__}: {e}"))
+
+    def _serve(self) -> None:
         llm = self.llm
         while True:
             with self._cv:
@@ -247,13 +256,18 @@ class EngineLoop:
                 sub.closed = True
                 self._forget(sub)
 
-    def _close_all(self, inbox) -> None:
-        error = APIError(503, "the server is shutting down")
+    def _close_all(self, inbox, error: APIError | None = None) -> None:
+        """`stopping` is set: fail every open request and everything still in the inbox (taken again under
+        the lock, after which no submission can enter)."""
+        error = error or APIError(503, "the server is shutting down")
+        with self._cv:
+            inbox, self._inbox = inbox + self._inbox, []
         for sub in list(self._active.values()):
             self._fail(sub, error)
         for sub in inbox:  # never admitted
             sub.admit(error)
-        self.update_metrics()
+        with contextlib.suppress(Exception):
+            self.update_metrics()
 
     def update_metrics(self) -> None:
         """Refresh the gauges from the engine (engine thread only, or before it starts)."""
