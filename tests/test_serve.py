@@ -258,6 +258,18 @@ def test_completions_match_generate_streamed_or_not(tiny, tiny_llm):
     assert b.usage.prompt_tokens == len(tok.encode("abc")) + len(tok.encode(prompt))
 
 
+def test_prefix_cache_hits_show_in_metrics(tiny):
+    before = tiny.metrics()
+    prompt = list(range(40, 90))  # 50 tokens: 3 full blocks of 16
+    for _ in range(2):
+        tiny.client().completions.create(model=TINY, prompt=prompt, max_tokens=2, temperature=0)
+    after = tiny.metrics()
+    hits = after["memattn_prefix_cache_hits_tokens"] - before["memattn_prefix_cache_hits_tokens"]
+    queries = after["memattn_prefix_cache_queries_tokens"] - before["memattn_prefix_cache_queries_tokens"]
+    assert queries == 100 and hits == 48, (queries, hits)
+    assert 0 < after["memattn_prefix_cache_hit_rate"] <= 1
+
+
 def test_seeded_sampling_reproducible_n2(tiny, tiny_llm):
     c = tiny.client()
     kw = dict(model=TINY, prompt="Once upon a time", max_tokens=24, temperature=1.0, top_p=0.95,

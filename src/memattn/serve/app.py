@@ -49,7 +49,7 @@ class _Handler:
             raise APIError(404, f"the model `{name}` does not exist (this server holds `{self.model_name}`)",
                            param="model", code="model_not_found")
 
-    def max_tokens(self, req, ids: list, requested, default, param: str) -> int:
+    def max_tokens(self, ids: list, requested, default, param: str) -> int:
         """The request's max_tokens: as given (refused if prompt + max_tokens exceeds the context), else
         `default` (None: to the end of the context, as the pool can hold it)."""
         room = self.context - len(ids)
@@ -70,7 +70,7 @@ class _Handler:
         stops = stop_strings(req)
         subs = []
         for tag, ids in enumerate(prompts):
-            params = sampling_params(req, max_tokens=self.max_tokens(req, ids, requested, default, param))
+            params = sampling_params(req, max_tokens=self.max_tokens(ids, requested, default, param))
             subs.append(Submission(ids, params, stops, queue, loop, tag))
         for sub in subs:
             self.engine.submit(sub)
