@@ -18,7 +18,8 @@ Servers (``--servers``), each started as a fresh process on a free port, on the 
   OpenAI-compatible server with continuous batching);
 - ``llama.cpp.server``: ``python -m llama_cpp.server`` (llama-cpp-python, built by ``make bench-real``) on the
   F32 GGUF of the same weights (``--gguf-f32``, default: made with llama.cpp's ``convert_hf_to_gguf.py``,
-  ``benchmarks/_llamacpp.py``), ``--n_threads`` = the machine's cores.
+  ``benchmarks/_llamacpp.py``), ``--n_threads`` = the machine's cores, ``--interrupt_requests False`` (by
+  default a new request cuts the running stream short; this way requests queue, served one at a time).
 
 Recorded per server: output tokens/s (output tokens / wall time of the whole workload), TTFT p50/p99 (from
 sending to the first chunk with text), inter-token latency p50/p99 (gaps between text chunks of a stream),
@@ -79,15 +80,26 @@ def workload(tokenizer, num: int, seed: int, max_prompt: int, max_output: int):
     return [(text, m) for text, (_, m) in zip(prompts, reqs)]
 
 
-def fixed_length_body(server: str, n: int) -> dict:
-    """The extra request fields that make `server` produce exactly n tokens (greedy)."""
+END_TOKENS = ("<|endoftext|>", "<|im_end|>", "</s>", "<|end_of_text|>", "<|eot_id|>", "<|eom_id|>")
+
+
+def fixed_length_body(server: str, n: int, end_ids=()) -> dict:
+    """The extra request fields that make `server` produce exactly n tokens (greedy).
+
+    llama.cpp's ``min_tokens`` only holds back the one EOS token, while it ends a stream at any of its
+    end-of-generation tokens; `end_ids` (the vocabulary's end tokens) get a -100 logit bias as well."""
     if server == OURS:
         return {"ignore_eos": True}
     if server == "transformers.serve":
         import json
 
         return {"generation_config": json.dumps({"max_new_tokens": n, "min_new_tokens": n, "do_sample": False})}
-    return {"min_tokens": n}
+    return {"min_tokens": n, "logit_bias": {str(i): -100 for i in end_ids}}
+
+
+def end_token_ids(tokenizer) -> list[int]:
+    ids = [tokenizer.tok.token_to_id(t) for t in END_TOKENS] if hasattr(tokenizer, "tok") else []
+    return sorted({i for i in ids + [tokenizer.eos_token_id] if i is not None})
 
 
 class Server:
@@ -109,7 +121,7 @@ class Server:
         else:
             cmd = [sys.executable, "-m", "llama_cpp.server", "--model", args.gguf_f32, "--port", str(self.port),
                    "--host", "127.0.0.1", "--n_ctx", str(args.n_ctx), "--n_threads", threads,
-                   "--n_threads_batch", threads]
+                   "--n_threads_batch", threads, "--interrupt_requests", "False"]
             self.model_name = args.gguf_f32
         self.log = open(os.path.join(log_dir, name + ".log"), "w")
         env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error", OMP_NUM_THREADS=threads)
@@ -153,13 +165,13 @@ class Server:
         self.log.close()
 
 
-async def _one(client, server: Server, prompt: str, n: int, stats: dict) -> None:
+async def _one(client, server: Server, prompt: str, n: int, stats: dict, end_ids) -> None:
     t0 = time.perf_counter()
     first, last, gaps, tokens = None, None, [], None
     try:
         stream = await client.completions.create(
             model=server.model_name, prompt=prompt, max_tokens=n, temperature=0, stream=True,
-            stream_options={"include_usage": True}, extra_body=fixed_length_body(server.name, n))
+            stream_options={"include_usage": True}, extra_body=fixed_length_body(server.name, n, end_ids))
         async for chunk in stream:
             now = time.perf_counter()
             if chunk.choices and chunk.choices[0].text:
@@ -183,7 +195,7 @@ async def _one(client, server: Server, prompt: str, n: int, stats: dict) -> None
     stats["short"] += (tokens if tokens is not None else len(gaps) + 1) < n
 
 
-async def drive(server: Server, reqs, clients: int) -> dict:
+async def drive(server: Server, reqs, clients: int, end_ids=()) -> dict:
     """Run the requests from `clients` concurrent tasks; wall time and per-request figures."""
     from openai import AsyncOpenAI
 
@@ -197,7 +209,7 @@ async def drive(server: Server, reqs, clients: int) -> dict:
     async def worker():
         while not queue.empty():
             prompt, n = queue.get_nowait()
-            await _one(client, server, prompt, n, stats)
+            await _one(client, server, prompt, n, stats, end_ids)
 
     t0 = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(clients)))
@@ -247,7 +259,9 @@ def main(argv=None) -> int:
         args.gguf_f32 = convert(args.model, "f32")
     from memattn.engine.models.loader import load_tokenizer
 
-    reqs = workload(load_tokenizer(args.model), args.num_requests, args.seed, args.max_prompt, args.max_output)
+    tokenizer = load_tokenizer(args.model)
+    reqs = workload(tokenizer, args.num_requests, args.seed, args.max_prompt, args.max_output)
+    end_ids = end_token_ids(tokenizer)
     print(f"{CASE}: {len(reqs)} requests, {args.clients} clients, {sum(n for _, n in reqs)} output tokens asked, "
           f"model {args.model}, {args.dtype}", flush=True)
     results = {}
@@ -258,8 +272,8 @@ def main(argv=None) -> int:
                 t0 = time.perf_counter()
                 server.wait()
                 start_s = time.perf_counter() - t0
-                asyncio.run(drive(server, reqs[:2], 2))  # warm-up (not counted)
-                stats = asyncio.run(drive(server, reqs, args.clients))
+                asyncio.run(drive(server, reqs[:2], 2, end_ids))  # warm-up (not counted)
+                stats = asyncio.run(drive(server, reqs, args.clients, end_ids))
                 results[name] = dict(summary(stats), start_s=start_s, loadavg_1m=os.getloadavg()[0])
                 if name == OURS:
                     time.sleep(0.5)
