@@ -111,7 +111,8 @@ class Server:
         threads = str(args.threads or os.cpu_count())
         if name == OURS:
             cmd = [sys.executable, "-m", "memattn.cli", "serve", "--model", args.model, "--port", str(self.port),
-                   "--dtype", args.dtype, "--max-num-seqs", str(args.clients)]
+                   "--dtype", args.dtype, "--max-num-seqs", str(args.clients), "--kv-cache-memory",
+                   args.kv_cache_memory]
             self.model_name = None
         elif name == "transformers.serve":
             exe = os.path.join(os.path.dirname(sys.executable), "transformers")
@@ -243,6 +244,8 @@ def main(argv=None) -> int:
     p.add_argument("--clients", type=int, default=32)
     p.add_argument("--max-prompt", type=int, default=512)
     p.add_argument("--max-output", type=int, default=256)
+    p.add_argument("--kv-cache-memory", default="1536MiB",
+                   help="memattn's KV pool (32 streams of up to 768 tokens need about 1.1 GB in float32)")
     p.add_argument("--n-ctx", type=int, default=8192, help="llama.cpp's context (shared by its slots)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
