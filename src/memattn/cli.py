@@ -175,14 +175,28 @@ def cmd_masks_show(args) -> int:
 
 DEFAULT_SEQ_LENS = [1024, 2048, 4096, 8192]
 
+def _sampling(args, **more):
+    from .engine import SamplingParams
+
+    return SamplingParams(**{**dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                    seed=args.seed, max_tokens=args.max_tokens), **more})
+
+
 def cmd_generate(args) -> int:
-    from .engine import LLM, SamplingParams
+    from .engine import LLM
     from .engine.args import engine_config_from_args
 
     llm = LLM(args.model or args.random, engine_config_from_args(args))
-    params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                            max_tokens=args.max_tokens)
-    out = llm.generate([args.prompt], params)[0]
+    prompt = args.prompt
+    if args.chat:
+        from .engine.chat import encode_chat
+
+        try:
+            prompt = encode_chat(llm.tokenizer, [{"role": "user", "content": args.prompt}])
+        except (ValueError, TypeError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    out = llm.generate([prompt], _sampling(args))[0]
     if out.error:
         print(f"error: {out.error}", file=sys.stderr)
         return 2
@@ -191,6 +205,79 @@ def cmd_generate(args) -> int:
     print(f"[{len(c.token_ids)} tokens, finish: {c.finish_reason}, TTFT {c.time_to_first_token * 1e3:.1f} ms, "
           f"{(c.time_per_output_token or 0) * 1e3:.1f} ms/token]", file=sys.stderr)
     return 0
+
+
+def cmd_chat(args) -> int:
+    """An interactive chat in the terminal: one user turn per stdin line, the reply streamed as it comes;
+    the history is kept (``/reset`` clears it), ``/exit`` or end of input ends."""
+    from .engine import LLM
+    from .engine.args import engine_config_from_args
+    from .engine.chat import encode_chat
+    from .engine.detokenize import IncrementalDetokenizer
+
+    llm = LLM(args.model, engine_config_from_args(args))
+    if not getattr(llm.tokenizer, "chat_template", None):
+        print(f"error: {args.model} has no chat template", file=sys.stderr)
+        return 2
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    history = list(system)
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            print("> ", end="", flush=True)
+        line = sys.stdin.readline()
+        if not line or line.strip() == "/exit":
+            return 0
+        line = line.rstrip("\n")
+        if line.strip() == "/reset":
+            history = list(system)
+            continue
+        if not line.strip():
+            continue
+        history.append({"role": "user", "content": line})
+        ids = encode_chat(llm.tokenizer, history)
+        room = llm.max_model_len - len(ids)
+        if room < 1:
+            print("error: the conversation fills the context; /reset to start again", file=sys.stderr)
+            history.pop()
+            continue
+        detok, reply = IncrementalDetokenizer(llm.tokenizer, ids), []
+        for ev in llm.stream([ids], _sampling(args, max_tokens=min(args.max_tokens, room))):
+            if ev.finish_reason == "error":
+                print(f"error: {ev.text}", file=sys.stderr)
+                break
+            # the EOS that ends the turn is not part of the reply
+            text = detok.push(ev.token_id) if ev.finish_reason != "stop" else ""
+            text += detok.flush() if ev.finish_reason else ""
+            reply.append(text)
+            print(text, end="", flush=True)
+        print(flush=True)
+        history.append({"role": "assistant", "content": "".join(reply)})
+
+
+def cmd_serve(args) -> int:
+    from .engine import LLM
+    from .engine.args import engine_config_from_args
+
+    try:
+        from .serve import serve
+    except ImportError as e:
+        print(f"error: {e}; pip install 'memattn[serve]'", file=sys.stderr)
+        return 1
+    llm = LLM(args.model, engine_config_from_args(args))
+    name = args.served_model_name or args.model
+    print(f"memattn serve: {name} on http://{args.host}:{args.port}/v1 ({llm.blocks.num_blocks} KV blocks of "
+          f"{llm.blocks.block_size} tokens, max_model_len {llm.max_model_len})", file=sys.stderr, flush=True)
+    serve(llm, host=args.host, port=args.port, model_name=name, api_key=args.api_key, log_level=args.log_level)
+    return 0
+
+
+def _add_sampling_args(p, max_tokens: int) -> None:
+    p.add_argument("--max-tokens", type=_positive, default=max_tokens)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-k", type=int, default=-1)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None, help="sampling seed")
 
 
 def cmd_bench_serve(args) -> int:
@@ -260,13 +347,25 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--model", help="local Hugging Face folder")
     src.add_argument("--random", help="a random-initialised preset, e.g. tiny-llama")
     g.add_argument("--prompt", required=True)
-    g.add_argument("--max-tokens", type=_positive, default=32)
-    g.add_argument("--temperature", type=float, default=0.0)
-    g.add_argument("--top-k", type=int, default=-1)
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--seed", type=int, default=None, help="sampling seed")
+    g.add_argument("--chat", action="store_true", help="send the prompt as a user turn through the chat template")
+    _add_sampling_args(g, 32)
     add_engine_args(g, num_kv_blocks=256)
     g.set_defaults(func=cmd_generate)
+    ch = sub.add_parser("chat", help="an interactive chat in the terminal (stdin lines; /reset, /exit)")
+    ch.add_argument("--model", required=True, help="local Hugging Face folder (or preset) with a chat template")
+    ch.add_argument("--system", default=None, help="a system message to start the conversation with")
+    _add_sampling_args(ch, 256)
+    add_engine_args(ch)
+    ch.set_defaults(func=cmd_chat)
+    sv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions)")
+    sv.add_argument("--model", required=True, help="local Hugging Face folder or preset")
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY on /v1/*")
+    sv.add_argument("--served-model-name", default=None, help="the model's name in the API (default: --model)")
+    sv.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    add_engine_args(sv)
+    sv.set_defaults(func=cmd_serve)
     b = sub.add_parser("bench-serve", help="the serve workload through the engine (progress bar, summary table)")
     b.add_argument("--model", default=None, help="folder or preset (default llama-30m, random)")
     b.add_argument("--num-requests", type=_positive, default=64)

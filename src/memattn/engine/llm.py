@@ -112,6 +112,8 @@ class LLM:
         self.runner = ModelRunner(self.model, self.blocks, self.cache, c.device)
         self._requests: dict[int, _Request] = {}
         self._ids = itertools.count()
+        # prefix cache, in prompt tokens of admitted sequences: looked up, and found computed (served metrics)
+        self.prefix_queries = self.prefix_hits = 0
 
     # ---- requests ---------------------------------------------------------------------------------
 
@@ -173,8 +175,15 @@ class LLM:
         return None
 
     def step(self) -> list[StreamEvent]:
-        """Schedule, run the model once, sample; return the tokens produced."""
+        """Schedule, run the model once, sample; return the tokens produced.
+
+        If it raises, call ``recover()`` before the next step (the step may have been half applied)."""
+        waiting = set(self.scheduler.waiting)
         plan = self.scheduler.schedule()
+        for seq, _ in plan.scheduled:
+            if seq in waiting:  # admitted now: num_computed is what the prefix cache already held
+                self.prefix_queries += seq.num_tokens
+                self.prefix_hits += seq.num_computed
         if not plan.scheduled:
             if self.scheduler.has_work():
                 raise RuntimeError("the scheduler made no progress (KV pool too small for any waiting request)")
@@ -278,6 +287,67 @@ class LLM:
             for seq in req.seqs if req else ():
                 if not seq.finished:
                     self.scheduler.abort(seq)
+
+    def abort(self, request_id: int, index: int | None = None) -> bool:
+        """Stop a request added with ``add_request``; False if the engine does not know it.
+
+        index None: every unfinished completion is aborted (finish_reason "abort"), its KV blocks freed at
+        once, and the request forgotten (its outputs are gone; call it on a finished request to forget it).
+        index i: only completion i is stopped (blocks freed), the request and its other completions go on;
+        the caller sets the finish reason it wants to report (a stop string matched on text: "stop").
+        Call it between steps, never from another thread during one.
+        """
+        req = self._requests.get(request_id)
+        if req is None:
+            return False
+        for seq in req.seqs:
+            if (index is None or seq.index == index) and not seq.finished:
+                self.scheduler.abort(seq)
+        if index is None:
+            del self._requests[request_id]
+        return True
+
+    def recover(self) -> None:
+        """After ``step()`` raised: drop all computed KV and put every unfinished sequence back in the
+        waiting queue (as recompute preemption does), so no sequence continues from a half-applied step:
+        the next steps re-prefill them from their tokens (prompt + sampled so far). Abort the culprit
+        request first if it is known. Limitation: swap slots a failed plan was about to restore leak."""
+        s = self.scheduler
+        back = list(s.running) + list(s.swapped)
+        for seq in s.running:
+            if seq.seq_id in self.blocks:
+                self.blocks.free(seq.seq_id)
+        for seq in s.swapped:
+            self.cache.release_swap(seq.swap_slots)
+            seq.swap_slots = None
+        for seq in back:
+            seq.num_computed = 0
+        s.running, s.swapped = [], type(s.swapped)()
+        s.waiting.extendleft(reversed(back))
+
+    def request_ids(self) -> list[int]:
+        """Ids of the requests the engine holds (unfinished, or finished and not yet forgotten)."""
+        return list(self._requests)
+
+    def chat(self, messages, sampling_params=None, *, add_generation_prompt: bool = True,
+             chat_template: str | None = None, progress=None, **template_kwargs) -> list[RequestOutput]:
+        """``generate`` on conversations rendered by the tokenizer's chat template (``engine.chat``).
+
+        messages: one conversation (a list of {"role", "content"} dicts) or a list of conversations; one
+        RequestOutput per conversation, in order, its ``prompt`` the rendered text. A model without a chat
+        template raises ValueError; template_kwargs are more template variables.
+        """
+        from .chat import encode_rendered, is_conversation, render_chat
+
+        if self.tokenizer is None:
+            raise ValueError("chat needs a tokenizer; this model has none")
+        convs = [messages] if is_conversation(messages) else list(messages)
+        texts = [render_chat(self.tokenizer, c, add_generation_prompt=add_generation_prompt,
+                             chat_template=chat_template, **template_kwargs) for c in convs]
+        outs = self.generate([encode_rendered(self.tokenizer, t) for t in texts], sampling_params, progress=progress)
+        for out, text in zip(outs, texts):
+            out.prompt = text
+        return outs
 
     def stats(self):
         """The block pool's stats (``BlockStats``) plus preemptions so far."""
