@@ -96,6 +96,12 @@ def library():
     f = lib.gemv
     f.argtypes = [i32, i32, p, i64, p, i64, i64, p, p, i32]
     f.restype = ctypes.c_int
+    f = lib.add_rms_norm
+    f.argtypes = [i32, p, p, p, p, i64, i64, f32]
+    f.restype = ctypes.c_int
+    f = lib.silu_mul
+    f.argtypes = [i32, p, p, i64, i64]
+    f.restype = ctypes.c_int
     _lib = lib
     return _lib
 
