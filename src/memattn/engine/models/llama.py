@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...kernels import gemv
 from ..config import ModelConfig
 from .common import (FusedLinear, StepBatch, apply_rope, linear, paged_self_attention, rms_norm, rope_cos_sin,
                      rope_inv_freq)
@@ -60,8 +61,7 @@ class LlamaMLP(nn.Module):
         self.down_proj = nn.Linear(n, cfg.hidden_size, bias=cfg.mlp_bias)
 
     def forward(self, x):
-        gate, up = self.gate_up_proj.split(linear(x, self.gate_up_proj))
-        return linear(F.silu(gate).mul_(up), self.down_proj)
+        return linear(gemv.silu_mul(linear(x, self.gate_up_proj)), self.down_proj)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -73,10 +73,16 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
 
     def forward(self, x, cos, sin, batch, cache):
-        """x (T, hidden) is the layer's own (the model's running residual): updated in place and returned."""
+        x = x.clone()
+        return x.add_(self.forward_fused(x, None, cos, sin, batch, cache))
+
+    def forward_fused(self, x, delta, cos, sin, batch, cache):
+        """The model's running residual x (T, hidden), updated in place: x += delta (the previous layer's MLP
+        output, None for the first layer), then this layer's attention added; returns this layer's MLP output
+        (the next layer, or the final norm, adds it: each residual add fused with the norm after it)."""
         ln1, ln2 = self.input_layernorm, self.post_attention_layernorm
-        x.add_(self.self_attn.forward(rms_norm(x, ln1.weight, ln1.eps), cos, sin, batch, cache))
-        return x.add_(self.mlp.forward(rms_norm(x, ln2.weight, ln2.eps)))
+        a = self.self_attn.forward(gemv.add_rms_norm(x, delta, ln1.weight, ln1.eps), cos, sin, batch, cache)
+        return self.mlp.forward(gemv.add_rms_norm(x, a, ln2.weight, ln2.eps))
 
 
 class LlamaModel(nn.Module):
@@ -104,11 +110,13 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, batch: StepBatch, cache) -> torch.Tensor:
         x = self.model.embed_tokens(batch.input_ids)
         cos, sin = rope_cos_sin(batch.positions, self.inv_freq, x.dtype)
-        for layer in self.model.layers:  # .forward: no module-call overhead (no hooks are used here)
-            x = layer.forward(x, cos, sin, batch, cache)
+        delta = None
+        for layer in self.model.layers:  # no module-call overhead (no hooks are used here)
+            delta = layer.forward_fused(x, delta, cos, sin, batch, cache)
         if x.shape[0] != batch.logits_indices.shape[0]:  # else every row is sampled (a decode step)
-            x = x.index_select(0, batch.logits_indices)
-        return linear(self.model.norm(x), self.lm_head).float()
+            x, delta = x.index_select(0, batch.logits_indices), delta.index_select(0, batch.logits_indices)
+        norm = self.model.norm
+        return linear(gemv.add_rms_norm(x, delta, norm.weight, norm.eps), self.lm_head).float()
 
 
 __all__ = ["LlamaForCausalLM"]
