@@ -86,3 +86,18 @@ def test_estimate_rejects_bad_input():
         estimate("magic", 1, 10, 1, 8)
     with pytest.raises(ValueError, match="seqlen must be > 0"):
         estimate("standard", 1, 0, 1, 8)
+
+
+def test_read_bandwidth_and_weight_bytes():
+    from memattn.memory import decode_ceiling, read_bandwidth, weight_bytes
+
+    bw = read_bandwidth(8 << 20, repeats=1)
+    assert bw > 0
+    emb = torch.nn.Embedding(10, 4)
+    head = torch.nn.Linear(4, 10, bias=False)
+    head.weight = emb.weight  # tied: counted once
+    model = torch.nn.ModuleDict(dict(emb=emb, head=head, norm=torch.nn.LayerNorm(4)))
+    assert weight_bytes(model) == (40 + 4 + 4) * 4
+    assert decode_ceiling(model, 1.0) == 1e9 / weight_bytes(model)
+    with pytest.raises(ValueError):
+        read_bandwidth(0)

@@ -42,6 +42,7 @@ class PagedKVCache:
         shape = (2, num_layers, num_blocks, block_size, kv_heads, head_dim)
         self.kv = hugepages.zeros(shape, dtype=dtype, device=device)  # random block reads: fewer TLB misses
         self.swap = self._second_tier(swap_blocks, swap_path) if swap_blocks else None
+        self._checked_slots = None  # (slot_mapping, its version, int64 slots) the last write validated
         self._swap_free = list(range(swap_blocks))
 
     def _second_tier(self, n: int, path: str | None) -> torch.Tensor:
@@ -77,13 +78,19 @@ class PagedKVCache:
         if slot_mapping.dim() != 1 or tuple(k.shape) != want or tuple(v.shape) != want:
             raise ValueError(f"k and v must be (num_tokens, kv_heads, head_dim) = {want} for {tuple(slot_mapping.shape)} "
                              f"slots, got {tuple(k.shape)} and {tuple(v.shape)}")
-        slots = slot_mapping.to(device=self.kv.device, dtype=torch.int64)
-        keep = slots >= 0
-        if not bool(keep.all()):
-            slots, k, v = slots[keep], k[keep.to(k.device)], v[keep.to(v.device)]
         total = self.num_blocks * self.block_size
-        if slots.numel() and int(slots.max()) >= total:
-            raise ValueError(f"slot {int(slots.max())} out of range: the pool has {total} slots")
+        memo = self._checked_slots
+        if memo is not None and memo[0] is slot_mapping and memo[1] == slot_mapping._version:
+            slots = memo[2]  # the engine writes every layer with one step's slots: checked by the first layer
+        else:
+            slots = slot_mapping.to(device=self.kv.device, dtype=torch.int64)
+            keep = slots >= 0
+            padded = not bool(keep.all())
+            if padded:
+                slots, k, v = slots[keep], k[keep.to(k.device)], v[keep.to(v.device)]
+            if slots.numel() and int(slots.max()) >= total:
+                raise ValueError(f"slot {int(slots.max())} out of range: the pool has {total} slots")
+            self._checked_slots = None if padded else (slot_mapping, slot_mapping._version, slots)
         kv = self.kv[:, layer].view(2, total, self.kv_heads, self.head_dim)
         kv[0].index_copy_(0, slots, k.to(self.kv.dtype))
         kv[1].index_copy_(0, slots, v.to(self.kv.dtype))

@@ -194,7 +194,8 @@ class LLM:
             self._requests[seq.request_id].seqs += forks
             seqs += [seq, *forks]
             rows += [r] * (1 + len(forks))
-        logits = logits[torch.tensor(rows, dtype=torch.int64)] if rows else logits
+        if rows != list(range(logits.shape[0])):  # forks (n > 1) repeat their row
+            logits = logits[torch.tensor(rows, dtype=torch.int64)] if rows else logits
         tokens = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
         now = time.perf_counter()
         events = []

@@ -29,6 +29,19 @@ def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     return logits
 
 
+def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> int:
+    """One index drawn from probs (V,) (non-negative, not necessarily normalised), by inverting its cumulative
+    sum at a uniform draw: the categorical distribution ``torch.multinomial(probs, 1)`` samples, at a small
+    fraction of its cost over a large vocabulary (the cumulative sum in float64, so no token's share rounds
+    away). Zero-probability tokens are never drawn."""
+    cdf = probs.to(torch.float64).cumsum(0)
+    u = torch.rand((1,), generator=generator, dtype=torch.float64) * cdf[-1]
+    i = int(torch.searchsorted(cdf, u, right=True))
+    if i >= probs.shape[0] or probs[i] <= 0:  # u landed on the total (rounding): the last token with mass
+        i = int(torch.nonzero(probs > 0)[-1])
+    return i
+
+
 def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list) -> list[int]:
     """One token per row of logits (R, V): argmax for greedy rows, a draw from the filtered softmax otherwise."""
     if not len(params):
@@ -36,9 +49,8 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list)
     tokens = logits.argmax(-1).tolist()
     for r, (p, g) in enumerate(zip(params, generators)):
         if not p.greedy:
-            probs = filter_logits(logits[r], p).softmax(-1)
-            tokens[r] = int(torch.multinomial(probs, 1, generator=g))
+            tokens[r] = draw(filter_logits(logits[r], p).softmax(-1), g)
     return tokens
 
 
-__all__ = ["make_generator", "filter_logits", "sample"]
+__all__ = ["make_generator", "filter_logits", "draw", "sample"]

@@ -1,7 +1,7 @@
 """Small C kernels built on first use with the system C compiler and called through ctypes.
 
-Why C and not a torch extension: the one kernel here (``csrc/paged_decode.c``, paged decode)
-needs no torch or Python headers, so it builds in about a second with ``cc`` and loads with ctypes; a
+Why C and not a torch extension: the kernels here (``csrc/paged_decode.c``, paged decode; ``csrc/gemv.c``,
+the few-row matrix-vector products of batch-1 decode) need no torch or Python headers, so it builds in about a second with ``cc`` and loads with ctypes; a
 torch C++ extension would need ninja and a minute of compiling against torch's headers.
 
 The shared library is cached under ``$MEMATTN_CACHE_DIR`` (default ``~/.cache/memattn``) in a folder
@@ -22,7 +22,7 @@ import tempfile
 import warnings
 from pathlib import Path
 
-_SRC = Path(__file__).with_name("csrc") / "paged_decode.c"
+_SOURCES = [Path(__file__).with_name("csrc") / name for name in ("paged_decode.c", "gemv.c")]
 # -ffp-contract=fast: fused multiply-adds (one rounding instead of two)
 _FLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp-simd", "-fPIC", "-shared", "-pthread", "-std=c11",
           "-lm"]
@@ -47,10 +47,10 @@ def _cache_dir() -> Path:
 
 
 def _build(cc: str) -> Path:
-    src = _SRC.read_bytes()
+    src = b"".join(p.read_bytes() for p in _SOURCES)
     key = hashlib.sha256(src + " ".join([cc, *_FLAGS, platform.machine(), _cpu_flags()]).encode()).hexdigest()[:16]
     for root in (_cache_dir(), Path(tempfile.gettempdir()) / f"memattn-{os.getuid() if hasattr(os, 'getuid') else 0}"):
-        target = root / f"native-{key}" / "paged_decode.so"
+        target = root / f"native-{key}" / "memattn_native.so"
         if target.exists():
             return target
         try:  # a read-only home folder: build under the temp folder instead
@@ -61,7 +61,8 @@ def _build(cc: str) -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        subprocess.run([cc, str(_SRC), "-o", tmp, *_FLAGS], check=True, capture_output=True, text=True, timeout=120)
+        subprocess.run([cc, *map(str, _SOURCES), "-o", tmp, *_FLAGS], check=True, capture_output=True, text=True,
+                       timeout=120)
         os.replace(tmp, target)  # atomic: another process may be building the same file
     finally:
         if os.path.exists(tmp):
@@ -91,6 +92,15 @@ def library():
     f = lib.paged_decode
     p, i64, f32, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
     f.argtypes = [i32, p, p, p, p, i64, p, p, i64, i64, i64, i64, i64, f32, f32, p, i64, i64, p, p, i32]
+    f.restype = ctypes.c_int
+    f = lib.gemv
+    f.argtypes = [i32, i32, p, i64, p, i64, i64, p, p, i32]
+    f.restype = ctypes.c_int
+    f = lib.add_rms_norm
+    f.argtypes = [i32, p, p, p, p, i64, i64, f32]
+    f.restype = ctypes.c_int
+    f = lib.silu_mul
+    f.argtypes = [i32, p, p, i64, i64]
     f.restype = ctypes.c_int
     _lib = lib
     return _lib

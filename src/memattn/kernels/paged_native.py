@@ -65,4 +65,44 @@ def decode(q, key_cache, value_cache, block_table, ranges, *, scale, softcap=0.0
     return out, alibi_lse_shift(lse, slopes, query_pos, ranges)
 
 
-__all__ = ["decode", "MIN_SPLIT_TOKENS"]
+def bind(block_table, ranges, *, num_heads: int, cache_shape, cache_dtype, scale: float, softcap: float = 0.0):
+    """``decode`` with everything but q and the caches fixed: the per-step half of the call (ranges split into
+    the kernel's arrays, the split plan, the table as int32) done once for all the layers of an engine step.
+
+    Returns run(q, key_cache, value_cache) -> out (B, H, D) float32 for caches of `cache_shape` and
+    `cache_dtype` (what the step's first layer validated; each call checks only that they still match).
+    No ALiBi, sinks or quantised caches: the caller uses ``decode`` for those."""
+    require_plain("native", ranges, None, None)
+    nblocks, bs, hkv, d = cache_shape
+    b, h = block_table.shape[0], num_heads
+    starts, lens = ranges[:, 0, 0].contiguous(), ranges[:, 0, 1].contiguous()
+    max_blocks = int(((lens + bs - 1) // bs - starts // bs).max()) if b else 0
+    threads = torch.get_num_threads()
+    nsplit, per = _splits(b, max_blocks, bs, threads)
+    table = block_table.to(torch.int32).contiguous()
+    code, lib = DTYPES[cache_dtype], native.library()
+    shape, softcap = tuple(cache_shape), float(softcap)
+    fixed = (table.data_ptr(), table.shape[1], lens.data_ptr(), starts.data_ptr(), b, h, hkv, d, bs, scale, softcap,
+             None, nsplit, per)
+
+    def run(q, key_cache, value_cache):
+        if key_cache.shape != shape or value_cache.shape != shape or key_cache.dtype != cache_dtype \
+                or value_cache.dtype != cache_dtype or not (key_cache.is_contiguous() and value_cache.is_contiguous()):
+            raise ValueError(f"the bound decode step was built for contiguous {cache_dtype} caches of shape {shape}, "
+                             f"got {key_cache.dtype} {tuple(key_cache.shape)}")
+        if q.shape[0] != b or q.shape[1] != h or q.shape[2] != d:
+            raise ValueError(f"the bound decode step takes q ({b}, {h}, {d}), got {tuple(q.shape)}")
+        qc = q.to(torch.float32).contiguous()
+        out = torch.empty((b, h, d), dtype=torch.float32)
+        lse = torch.empty((b, h), dtype=torch.float32)
+        rc = lib.paged_decode(code, qc.data_ptr(), key_cache.data_ptr(), value_cache.data_ptr(), *fixed,
+                              out.data_ptr(), lse.data_ptr(), threads)
+        if rc != 0:
+            raise RuntimeError(f"native paged decode failed (code {rc}: {'sizes' if rc == 1 else 'out of memory'})")
+        return out
+
+    run.keep_alive = (table, starts, lens)  # the arrays the kernel reads through raw pointers
+    return run
+
+
+__all__ = ["decode", "bind", "MIN_SPLIT_TOKENS"]

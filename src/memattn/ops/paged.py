@@ -246,4 +246,39 @@ def paged_attention(q, key_cache, value_cache, block_table, cache_seqlens, *, cu
     return _finish(batch, out.to(q.dtype), lse, return_lse)
 
 
-__all__ = ["paged_attention", "paged_attention_reference", "paged_metadata", "PagedMetadata"]
+def paged_decode_step(q, key_cache, value_cache, metadata: PagedMetadata, *, softmax_scale=None,
+                      window_size=(-1, -1)):
+    """A pure decode step's attention bound once for all the layers sharing `metadata`, scale and window.
+
+    Validates exactly as ``paged_attention(q, key_cache, value_cache, None, None, softmax_scale=...,
+    causal=True, window_size=window_size, metadata=metadata)`` would for the step's first layer, and
+    returns run(q, key_cache, value_cache) -> out (shaped like q, q's dtype) that later layers call with
+    their own q and caches (same shapes and dtypes; each call checks only that). Returns None where the
+    step is not a pure decode step (some sequence has several queries) or the native decode kernel does
+    not take it: then call ``paged_attention`` per layer.
+    """
+    batch = _prepare(q, key_cache, value_cache, None, None, None, softmax_scale, True, window_size, None, 0.0,
+                     metadata)
+    spec, qp, md = batch.spec, batch.q, batch.md
+    if not md.decode or md.decode_q_rows is not None or spec.alibi_slopes is not None or spec.softcap:
+        return None
+    backend = kernels.choose(qp, softcap=spec.softcap)
+    ranges = md.decode_ranges(spec.mask.left if spec.mask is not None else -1)
+    kernel = kernels.choose_decode(qp, key_cache.dtype, backend, alibi=False, softcap=0.0, ranges=ranges.shape[1])
+    if kernel is None or kernel.name != "native":
+        return None
+    from ..kernels import paged_native
+
+    run = paged_native.bind(md.decode_table, ranges, num_heads=qp.shape[1], cache_shape=tuple(key_cache.shape),
+                            cache_dtype=key_cache.dtype, scale=spec.scale)
+    shape, dtype = batch.shape, q.dtype
+
+    def step(q, key_cache, value_cache):
+        if q.shape != shape or q.dtype != dtype:
+            raise ValueError(f"the bound decode step takes q {tuple(shape)} {dtype}, got {tuple(q.shape)} {q.dtype}")
+        return run(q.view(qp.shape), key_cache, value_cache).to(dtype).view(shape)
+
+    return step
+
+
+__all__ = ["paged_attention", "paged_decode_step", "paged_attention_reference", "paged_metadata", "PagedMetadata"]

@@ -77,8 +77,10 @@ def _check_contexts(block_table, cache_seqlens, q_lens, ctx, num_blocks, bs):
             raise ValueError(f"cache_seqlens[{b}] = {lk} is shorter than its {lq} queries: cache_seqlens counts "
                              "the new tokens, which must already be written into the cache")
     used = torch.arange(block_table.shape[1]).unsqueeze(0) < ((cache_seqlens.long().cpu() + bs - 1) // bs).unsqueeze(1)
-    ids = block_table.cpu()[used]
-    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= num_blocks):
+    table = block_table.cpu()
+    # one fused test over the used entries (no boolean gather: it costs more than the rest of a decode step's checks)
+    if block_table.numel() and bool(((table < 0) | (table >= num_blocks)).logical_and_(used).any()):
+        ids = table[used]
         bad = ids[(ids < 0) | (ids >= num_blocks)][0]
         raise ValueError(f"block_table holds block id {int(bad)} out of range [0, {num_blocks})")
 

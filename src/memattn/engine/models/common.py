@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ...cache import PagedKVCache
-from ...ops.paged import PagedMetadata, paged_attention
+from ...kernels import gemv
+from ...ops.paged import PagedMetadata, paged_attention, paged_decode_step
 
 
 @dataclass
@@ -30,6 +32,9 @@ class StepBatch:
     cu_seqlens_q: torch.Tensor
     logits_indices: torch.Tensor
     paged: PagedMetadata | None = None
+    # a pure decode step's attention bound once per (scale, window) by the first layer (``paged_decode_step``);
+    # None marks a step it does not take
+    decode_steps: dict = field(default_factory=dict, repr=False)
 
 
 def paged_self_attention(q, k, v, batch: StepBatch, cache: PagedKVCache, layer: int, *, scale: float,
@@ -40,9 +45,33 @@ def paged_self_attention(q, k, v, batch: StepBatch, cache: PagedKVCache, layer: 
     """
     cache.write(batch.slot_mapping, k, v, layer=layer)
     window_size = (-1, -1) if window is None else (window - 1, 0)
+    kc, vc = cache.key_cache(layer), cache.value_cache(layer)
+    if batch.paged is not None:
+        key = (scale, window_size)
+        step = batch.decode_steps.get(key, False)
+        if step is False:
+            step = batch.decode_steps[key] = paged_decode_step(q, kc, vc, batch.paged, softmax_scale=scale,
+                                                               window_size=window_size)
+        if step is not None:
+            return step(q, kc, vc)
     return paged_attention(q, cache.key_cache(layer), cache.value_cache(layer), batch.block_table,
                            batch.cache_seqlens, cu_seqlens_q=batch.cu_seqlens_q, softmax_scale=scale,
                            causal=True, window_size=window_size, metadata=batch.paged)
+
+
+def linear(x: torch.Tensor, module: nn.Linear) -> torch.Tensor:
+    """``module(x)`` without the module call: few-row CPU steps (decode) through ``kernels.gemv`` (which reads
+    the weight once, and runs bfloat16 at memory speed), the rest through PyTorch."""
+    return gemv.linear(x, module.weight, module.bias)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Llama's RMSNorm as transformers computes it: normalised in float32, rounded to x's dtype, times weight."""
+    if x.dtype == torch.float32 and weight.dtype == torch.float32:
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
+    xf = x.to(torch.float32)
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
 
 
 class FusedLinear(nn.Linear):
@@ -117,4 +146,4 @@ def apply_rope(x, cos, sin):
     return out
 
 
-__all__ = ["StepBatch", "FusedLinear", "paged_self_attention", "rope_inv_freq", "rope_cos_sin", "apply_rope"]
+__all__ = ["StepBatch", "FusedLinear", "linear", "rms_norm", "paged_self_attention", "rope_inv_freq", "rope_cos_sin", "apply_rope"]

@@ -9,8 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...kernels import gemv
 from ..config import ModelConfig
-from .common import FusedLinear, StepBatch, apply_rope, paged_self_attention, rope_cos_sin, rope_inv_freq
+from .common import (FusedLinear, StepBatch, apply_rope, linear, paged_self_attention, rms_norm, rope_cos_sin,
+                     rope_inv_freq)
 
 
 class RMSNorm(nn.Module):
@@ -20,10 +22,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):
-        dtype = x.dtype
-        x = x.to(torch.float32)
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        return rms_norm(x, self.weight, self.eps)
 
 
 class LlamaAttention(nn.Module):
@@ -42,11 +41,11 @@ class LlamaAttention(nn.Module):
     def forward(self, x, cos, sin, batch: StepBatch, cache):
         h, hkv, d = self.shape
         t = x.shape[0]
-        qkv = self.qkv_proj(x).view(t, h + 2 * hkv, d)
+        qkv = linear(x, self.qkv_proj).view(t, h + 2 * hkv, d)
         qk = apply_rope(qkv[:, :h + hkv], cos, sin)  # q and k heads rotated together
         out = paged_self_attention(qk[:, :h], qk[:, h:], qkv[:, h + hkv:], batch, cache, self.layer,
                                    scale=self.scale, window=self.window)
-        return self.o_proj(out.reshape(t, h * d))
+        return linear(out.reshape(t, h * d), self.o_proj)
 
 
 class LlamaMLP(nn.Module):
@@ -62,8 +61,7 @@ class LlamaMLP(nn.Module):
         self.down_proj = nn.Linear(n, cfg.hidden_size, bias=cfg.mlp_bias)
 
     def forward(self, x):
-        gate, up = self.gate_up_proj.split(self.gate_up_proj(x))
-        return self.down_proj(F.silu(gate).mul_(up))
+        return linear(gemv.silu_mul(linear(x, self.gate_up_proj)), self.down_proj)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -75,8 +73,16 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
 
     def forward(self, x, cos, sin, batch, cache):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, batch, cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        x = x.clone()
+        return x.add_(self.forward_fused(x, None, cos, sin, batch, cache))
+
+    def forward_fused(self, x, delta, cos, sin, batch, cache):
+        """The model's running residual x (T, hidden), updated in place: x += delta (the previous layer's MLP
+        output, None for the first layer), then this layer's attention added; returns this layer's MLP output
+        (the next layer, or the final norm, adds it: each residual add fused with the norm after it)."""
+        ln1, ln2 = self.input_layernorm, self.post_attention_layernorm
+        a = self.self_attn.forward(gemv.add_rms_norm(x, delta, ln1.weight, ln1.eps), cos, sin, batch, cache)
+        return self.mlp.forward(gemv.add_rms_norm(x, a, ln2.weight, ln2.eps))
 
 
 class LlamaModel(nn.Module):
@@ -104,10 +110,13 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, batch: StepBatch, cache) -> torch.Tensor:
         x = self.model.embed_tokens(batch.input_ids)
         cos, sin = rope_cos_sin(batch.positions, self.inv_freq, x.dtype)
-        for layer in self.model.layers:
-            x = layer(x, cos, sin, batch, cache)
-        x = self.model.norm(x.index_select(0, batch.logits_indices))
-        return self.lm_head(x).float()
+        delta = None
+        for layer in self.model.layers:  # no module-call overhead (no hooks are used here)
+            delta = layer.forward_fused(x, delta, cos, sin, batch, cache)
+        if x.shape[0] != batch.logits_indices.shape[0]:  # else every row is sampled (a decode step)
+            x, delta = x.index_select(0, batch.logits_indices), delta.index_select(0, batch.logits_indices)
+        norm = self.model.norm
+        return linear(gemv.add_rms_norm(x, delta, norm.weight, norm.eps), self.lm_head).float()
 
 
 __all__ = ["LlamaForCausalLM"]

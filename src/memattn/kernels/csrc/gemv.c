@@ -1,0 +1,327 @@
+/* Matrix-vector products for batch-1 (and few-row) decode on the CPU: y (M, N) = x (M, K) @ w (N, K)^T + bias,
+ * w row-major as nn.Linear stores it (float32, bfloat16 or float16), float32 arithmetic, y rounded to x's dtype.
+ *
+ * A decode step with few rows is bound by reading the weights once. Each thread takes a contiguous run of
+ * rows of w and streams it front to back (one row at a time for M = 1, which the prefetchers follow best; a few
+ * rows at a time for M > 1), dot products against all M rows of x (kept in L1 as float32). bfloat16 widens by a 16-bit shift, float16 by conversion (F16C): half the bytes of float32 to
+ * stream. Built with OpenMP (native.py tries -fopenmp first) the threads are torch's own OpenMP pool; without it,
+ * a small persistent pthread pool (spin briefly, then sleep on a condition variable).
+ *
+ * Built on first use by memattn/kernels/native.py (cc -O3 -march=native -pthread) and called through ctypes.
+ */
+#include <pthread.h>
+#include <math.h>
+#include <sched.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define MAX_M 8
+#define MAX_THREADS 64
+
+typedef float v8 __attribute__((vector_size(32), aligned(4)));
+typedef uint16_t u16x8 __attribute__((vector_size(16), aligned(2)));
+typedef uint32_t u32x8 __attribute__((vector_size(32), aligned(4)));
+typedef _Float16 h8 __attribute__((vector_size(16), aligned(2)));
+
+static inline v8 load8_f32(const void *p) { return *(const v8 *)p; }
+#if defined(__AVX2__) && defined(__F16C__)
+#include <immintrin.h>
+/* one ymm zero-extension and a shift (the generic vector code below splits the widening in two halves) */
+static inline v8 load8_bf16(const void *p) {
+    __m256i w = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16);
+    return (v8)_mm256_castsi256_ps(w);
+}
+static inline v8 load8_f16(const void *p) { return (v8)_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)); }
+#else
+static inline v8 load8_bf16(const void *p) {
+    u32x8 w = __builtin_convertvector(*(const u16x8 *)p, u32x8) << 16;
+    v8 r;
+    memcpy(&r, &w, sizeof r);
+    return r;
+}
+static inline v8 load8_f16(const void *p) { return __builtin_convertvector(*(const h8 *)p, v8); }
+#endif
+static inline float load1(int dtype, const void *p, int64_t i) {
+    if (dtype == 0) return ((const float *)p)[i];
+    if (dtype == 2) return (float)((const _Float16 *)p)[i];
+    uint32_t w = (uint32_t)((const uint16_t *)p)[i] << 16;
+    float f;
+    memcpy(&f, &w, sizeof f);
+    return f;
+}
+static inline void store1(int dtype, void *p, int64_t i, float v) {
+    if (dtype == 0) { ((float *)p)[i] = v; return; }
+    if (dtype == 2) { ((_Float16 *)p)[i] = (_Float16)v; return; }
+    uint32_t b;
+    memcpy(&b, &v, sizeof b);
+    if ((b & 0x7fffffffu) > 0x7f800000u) b |= 0x00400000u;          /* NaN stays a (quiet) NaN */
+    else b += 0x7fffu + ((b >> 16) & 1u);                           /* round to nearest even */
+    ((uint16_t *)p)[i] = (uint16_t)(b >> 16);
+}
+static inline float hsum(v8 a) {
+    float s = 0.0f;
+    for (int i = 0; i < 8; i++) s += a[i];
+    return s;
+}
+
+typedef struct {
+    int dtype;            /* of w: 0 float32, 1 bfloat16, 2 float16 */
+    int out_dtype;        /* of y */
+    const float *x;       /* (M, K) float32 */
+    const void *w;        /* (N, K) */
+    const float *bias;    /* (N,) float32 or NULL */
+    void *y;              /* (M, N) */
+    int64_t M, N, K;
+    int64_t rows_per_part, parts;
+} job_t;
+
+/* Rows [n0, n1) of y, M rows of x and R rows of w at a time, both compile-time constants so that the M x R
+ * accumulators stay in registers. */
+#define ROWS(T, LOAD, MM, RR)                                                                                \
+    static void rows_##T##_##MM(const job_t *J, int64_t n0, int64_t n1) {                                   \
+        const int64_t K = J->K, K8 = K & ~(int64_t)7;                                                        \
+        const size_t es = T == 0 ? 4 : 2;                                                                    \
+        const char *w = (const char *)J->w;                                                                  \
+        const float *x = J->x;                                                                               \
+        int64_t n = n0;                                                                                      \
+        for (; n + RR <= n1; n += RR) {                                                                      \
+            const char *r0 = w + (size_t)n * K * es;                                                         \
+            v8 acc[MM][RR];                                                                                  \
+            _Pragma("GCC unroll 8") for (int m = 0; m < MM; m++)                                             \
+                _Pragma("GCC unroll 8") for (int j = 0; j < RR; j++) acc[m][j] = (v8){0};                    \
+            for (int64_t k = 0; k < K8; k += 8) {                                                            \
+                v8 wv[RR];                                                                                   \
+                _Pragma("GCC unroll 8") for (int j = 0; j < RR; j++) wv[j] = LOAD(r0 + ((size_t)j * K + k) * es); \
+                _Pragma("GCC unroll 8") for (int m = 0; m < MM; m++) {                                       \
+                    v8 xv = *(const v8 *)(x + m * K + k);                                                    \
+                    _Pragma("GCC unroll 8") for (int j = 0; j < RR; j++) acc[m][j] += wv[j] * xv;            \
+                }                                                                                            \
+            }                                                                                                \
+            for (int m = 0; m < MM; m++)                                                                     \
+                for (int j = 0; j < RR; j++) {                                                               \
+                    float sum = hsum(acc[m][j]);                                                             \
+                    for (int64_t k = K8; k < K; k++) sum += x[m * K + k] * load1(T, w, (n + j) * K + k);     \
+                    if (J->bias) sum += J->bias[n + j];                                                      \
+                    store1(J->out_dtype, J->y, m * J->N + n + j, sum);                                       \
+                }                                                                                            \
+        }                                                                                                    \
+        for (; n < n1; n++) {                                                                                \
+            const char *r0 = w + (size_t)n * K * es;                                                         \
+            for (int m = 0; m < MM; m++) {                                                                   \
+                v8 acc = {0};                                                                                \
+                for (int64_t k = 0; k < K8; k += 8) acc += LOAD(r0 + k * es) * *(const v8 *)(x + m * K + k); \
+                float sum = hsum(acc);                                                                       \
+                for (int64_t k = K8; k < K; k++) sum += x[m * K + k] * load1(T, w, n * K + k);               \
+                if (J->bias) sum += J->bias[n];                                                              \
+                store1(J->out_dtype, J->y, m * J->N + n, sum);                                               \
+            }                                                                                                \
+        }                                                                                                    \
+    }
+
+/* M = 1: one row of w at a time, front to back (a single sequential stream per thread, which the hardware
+ * prefetchers follow best), four accumulators over k for the FMA latency, the next rows prefetched. */
+#define ROW1(T, LOAD)                                                                                        \
+    static void rows_##T##_1s(const job_t *J, int64_t n0, int64_t n1) {                                     \
+        const int64_t K = J->K, K32 = K & ~(int64_t)31, K8 = K & ~(int64_t)7;                                \
+        const size_t es = T == 0 ? 4 : 2;                                                                    \
+        const char *w = (const char *)J->w;                                                                  \
+        const float *x = J->x;                                                                               \
+        for (int64_t n = n0; n < n1; n++) {                                                                  \
+            const char *r = w + (size_t)n * K * es;                                                          \
+            v8 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};                                                       \
+            int64_t k = 0;                                                                                   \
+            for (; k < K32; k += 32) {                                                                       \
+                __builtin_prefetch(r + (k + 1024 / es) * es);                                                \
+                a0 += LOAD(r + k * es) * *(const v8 *)(x + k);                                               \
+                a1 += LOAD(r + (k + 8) * es) * *(const v8 *)(x + k + 8);                                     \
+                a2 += LOAD(r + (k + 16) * es) * *(const v8 *)(x + k + 16);                                   \
+                a3 += LOAD(r + (k + 24) * es) * *(const v8 *)(x + k + 24);                                   \
+            }                                                                                                \
+            for (; k < K8; k += 8) a0 += LOAD(r + k * es) * *(const v8 *)(x + k);                            \
+            float sum = hsum((a0 + a1) + (a2 + a3));                                                         \
+            for (; k < K; k++) sum += x[k] * load1(T, w, n * K + k);                                         \
+            if (J->bias) sum += J->bias[n];                                                                  \
+            store1(J->out_dtype, J->y, n, sum);                                                              \
+        }                                                                                                    \
+    }
+ROW1(0, load8_f32)
+ROW1(1, load8_bf16)
+ROW1(2, load8_f16)
+
+#define ALL_M(T, LOAD)                                                                                       \
+    ROWS(T, LOAD, 2, 4) ROWS(T, LOAD, 3, 2) ROWS(T, LOAD, 4, 2)                          \
+    ROWS(T, LOAD, 5, 2) ROWS(T, LOAD, 6, 1) ROWS(T, LOAD, 7, 1) ROWS(T, LOAD, 8, 1)                          \
+    static void rows_##T(const job_t *J, int64_t n0, int64_t n1) {                                           \
+        switch (J->M) {                                                                                      \
+        case 1: rows_##T##_1s(J, n0, n1); break; /* (bfloat16 ~2x the four-row version's GB/s) */           \
+        case 2: rows_##T##_2(J, n0, n1); break;                                                              \
+        case 3: rows_##T##_3(J, n0, n1); break;                                                              \
+        case 4: rows_##T##_4(J, n0, n1); break;                                                              \
+        case 5: rows_##T##_5(J, n0, n1); break;                                                              \
+        case 6: rows_##T##_6(J, n0, n1); break;                                                              \
+        case 7: rows_##T##_7(J, n0, n1); break;                                                              \
+        default: rows_##T##_8(J, n0, n1); break;                                                             \
+        }                                                                                                    \
+    }
+ALL_M(0, load8_f32)
+ALL_M(1, load8_bf16)
+ALL_M(2, load8_f16)
+
+static void run_part(const job_t *J, int64_t part) {
+    int64_t n0 = part * J->rows_per_part, n1 = n0 + J->rows_per_part;
+    if (n1 > J->N) n1 = J->N;
+    if (n0 >= n1) return;
+    if (J->dtype == 0) rows_0(J, n0, n1);
+    else if (J->dtype == 1) rows_1(J, n0, n1);
+    else rows_2(J, n0, n1);
+}
+
+#ifndef _OPENMP
+/* The pool. A job is cut into `parts` runs of rows that the caller and the workers claim from one atomic
+ * counter, so a worker that wakes late (a busy machine) finds nothing left rather than stalling the caller:
+ * the worst case is the single-thread speed. The job lives in static storage (one call at a time), and the
+ * counter sits at CLOSED between jobs so a late worker never claims from a job being written. */
+#define CLOSED (INT64_C(1) << 40)
+static pthread_mutex_t pool_mu = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t pool_cv = PTHREAD_COND_INITIALIZER;
+static pthread_mutex_t call_mu = PTHREAD_MUTEX_INITIALIZER;
+static int pool_size = 0;
+static job_t pool_job;
+static int64_t pool_gen = 0, pool_next = CLOSED, pool_done = 0;
+
+static void claim_parts(void) {
+    for (;;) {
+        int64_t p = __atomic_fetch_add(&pool_next, 1, __ATOMIC_ACQ_REL);
+        if (p >= pool_job.parts) return;
+        run_part(&pool_job, p);
+        __atomic_fetch_add(&pool_done, 1, __ATOMIC_ACQ_REL);
+    }
+}
+
+static void *pool_worker(void *arg) {
+    (void)arg;
+    int64_t seen = 0;
+    for (;;) {
+        int64_t gen;
+        int spins = 0;
+        while ((gen = __atomic_load_n(&pool_gen, __ATOMIC_ACQUIRE)) == seen && spins < 4000) {
+            __builtin_ia32_pause();
+            spins++;
+        }
+        if (gen == seen) {
+            pthread_mutex_lock(&pool_mu);
+            while ((gen = __atomic_load_n(&pool_gen, __ATOMIC_ACQUIRE)) == seen) pthread_cond_wait(&pool_cv, &pool_mu);
+            pthread_mutex_unlock(&pool_mu);
+        }
+        seen = gen;
+        claim_parts();
+    }
+    return NULL;
+}
+
+#endif
+
+/* dtype / out_dtype: 0 float32, 1 bfloat16, 2 float16. x (M, K) float32 contiguous; w (N, K) contiguous; bias
+ * float32 (N,) or NULL; y (M, N) contiguous in out_dtype. Returns 0, or 1 for bad sizes. */
+int gemv(int dtype, int out_dtype, const float *x, int64_t M, const void *w, int64_t N, int64_t K,
+         const float *bias, void *y, int nthreads) {
+    if (M < 1 || M > MAX_M || N < 0 || K < 0 || dtype < 0 || dtype > 2 || out_dtype < 0 || out_dtype > 2) return 1;
+    if (nthreads > MAX_THREADS) nthreads = MAX_THREADS;
+    /* below ~64 KiB of weights one thread is quicker than waking others */
+    int64_t bytes = N * K * (dtype == 0 ? 4 : 2);
+    if (bytes < (64 << 10) || nthreads < 1) nthreads = 1;
+    job_t J = {dtype, out_dtype, x, w, bias, y, M, N, K, N, 1};
+    if (nthreads == 1) {
+        run_part(&J, 0);
+        return 0;
+    }
+    /* runs of at least 16 KiB of weights and 4 rows, about 4 per thread */
+    int64_t row_bytes = K * (dtype == 0 ? 4 : 2), per = (N + 4 * nthreads - 1) / (4 * nthreads);
+    if (per * row_bytes < (16 << 10)) per = (16 << 10) / (row_bytes > 0 ? row_bytes : 1) + 1;
+    per = (per + 3) & ~(int64_t)3;
+#ifdef _OPENMP
+    /* torch's own OpenMP runtime (libgomp.so.1 is loaded once per process): the same threads as its ops, so
+     * the two never compete for the cores */
+    J.rows_per_part = per;
+    J.parts = (N + per - 1) / per;
+    int64_t parts = J.parts;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
+    for (int64_t p = 0; p < parts; p++) run_part(&J, p);
+    return 0;
+#else
+    pthread_mutex_lock(&call_mu);
+    pthread_mutex_lock(&pool_mu);
+    while (pool_size < nthreads - 1) {
+        pthread_t t;
+        if (pthread_create(&t, NULL, pool_worker, NULL) != 0) break;
+        pthread_detach(t);
+        pool_size++;
+    }
+    J.rows_per_part = per;
+    J.parts = (N + per - 1) / per;
+    pool_job = J;
+    __atomic_store_n(&pool_done, 0, __ATOMIC_RELEASE);
+    __atomic_store_n(&pool_next, 0, __ATOMIC_RELEASE);
+    __atomic_fetch_add(&pool_gen, 1, __ATOMIC_ACQ_REL);
+    pthread_cond_broadcast(&pool_cv);
+    pthread_mutex_unlock(&pool_mu);
+    claim_parts();
+    int64_t spins = 0;  /* the parts the workers claimed: being finished now */
+    while (__atomic_load_n(&pool_done, __ATOMIC_ACQUIRE) < J.parts) {
+        if (++spins < 2000) __builtin_ia32_pause();
+        else sched_yield();
+    }
+    __atomic_store_n(&pool_next, CLOSED, __ATOMIC_RELEASE);
+    pthread_mutex_unlock(&call_mu);
+    return 0;
+#endif
+}
+
+/* ---- the elementwise steps between a decode layer's GEMVs, one call each instead of several torch ops ---- */
+
+/* x (M, D) += delta (M, D) in place (delta NULL: no add), then out (M, D) = rms_norm(x) * weight the way
+ * transformers' LlamaRMSNorm computes it: x * rsqrt(mean(x^2) + eps) in float32, rounded to the dtype, then
+ * times weight in the dtype (for float32 the roundings are no-ops). All in `dtype` (0 f32, 1 bf16, 2 f16). */
+int add_rms_norm(int dtype, void *x, const void *delta, const void *weight, void *out, int64_t M, int64_t D, float eps) {
+    if (dtype < 0 || dtype > 2 || M < 0 || D < 1) return 1;
+    for (int64_t m = 0; m < M; m++) {
+        double ss = 0.0;
+        for (int64_t d = 0; d < D; d++) {
+            float v = load1(dtype, x, m * D + d);
+            if (delta) {
+                v += load1(dtype, delta, m * D + d);
+                store1(dtype, x, m * D + d, v);
+                v = load1(dtype, x, m * D + d);  /* the residual as stored (rounded to the dtype) */
+            }
+            ss += (double)v * v;
+        }
+        float r = 1.0f / sqrtf((float)(ss / D) + eps);
+        for (int64_t d = 0; d < D; d++) {
+            float n = load1(dtype, x, m * D + d) * r;
+            if (dtype != 0) {  /* round to the dtype, times weight, round again */
+                store1(dtype, out, m * D + d, n);
+                n = load1(dtype, out, m * D + d);
+            }
+            store1(dtype, out, m * D + d, n * load1(dtype, weight, d));
+        }
+    }
+    return 0;
+}
+
+/* out (M, N) = silu(gu[:, :N]) * gu[:, N:] for gu (M, 2N), rounded like torch's silu(gate).mul_(up) (silu
+ * rounded to the dtype first). */
+int silu_mul(int dtype, const void *gu, void *out, int64_t M, int64_t N) {
+    if (dtype < 0 || dtype > 2 || M < 0 || N < 0) return 1;
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t n = 0; n < N; n++) {
+            float g = load1(dtype, gu, m * 2 * N + n), u = load1(dtype, gu, m * 2 * N + N + n);
+            float s = g / (1.0f + expf(-g));
+            if (dtype != 0) {
+                store1(dtype, out, m * N + n, s);
+                s = load1(dtype, out, m * N + n);
+            }
+            store1(dtype, out, m * N + n, s * u);
+        }
+    return 0;
+}

@@ -1,0 +1,49 @@
+"""The few-row linear kernel (``kernels.gemv``): F.linear's result within the rounding of its dtype."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from memattn.kernels import gemv, native
+
+pytestmark = pytest.mark.skipif(not native.available(), reason="no C compiler: gemv falls back to F.linear")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows,n,k", [(1, 960, 576), (1, 7, 13), (3, 130, 77), (8, 1029, 64), (5, 1, 8)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_matches_float64(dtype, rows, n, k, bias):
+    seed = rows * 1000 + n + k
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, k, generator=g).to(dtype)
+    w = torch.randn(n, k, generator=g).to(dtype)
+    b = torch.randn(n, generator=g).to(dtype) if bias else None
+    ref = F.linear(x.double(), w.double(), b.double() if bias else None)
+    for route in (True, False):
+        gemv.ROUTE_FLOAT32 = route
+        try:
+            out = gemv.linear(x, w, b)
+        finally:
+            gemv.ROUTE_FLOAT32 = True
+        assert out.dtype == dtype and out.shape == (rows, n)
+        # float32 accumulation, then one rounding to dtype: half an ulp of dtype plus float32 sums
+        tol = torch.finfo(dtype).eps * ref.abs().max().item() + 1e-5 * k * (x.double().abs().max() * w.double().abs().max()).item()
+        err = (out.double() - ref).abs().max().item()
+        assert err <= tol, f"seed {seed}: {err} > {tol}"
+
+
+def test_many_rows_and_odd_shapes_fall_back():
+    x = torch.randn(2, 9, 64, dtype=torch.bfloat16)  # 18 rows > MAX_ROWS: PyTorch (float32 math)
+    w = torch.randn(33, 64, dtype=torch.bfloat16)
+    ref = F.linear(x.double(), w.double())
+    out = gemv.linear(x, w)
+    assert out.shape == (2, 9, 33) and out.dtype == torch.bfloat16
+    assert (out.double() - ref).abs().max() <= 0.02 * ref.abs().max()
+    x1 = torch.randn(2, 1, 64, dtype=torch.bfloat16)  # 3-D, 2 rows: the kernel, viewed back
+    assert torch.allclose(gemv.linear(x1, w).double(), F.linear(x1.double(), w.double()), rtol=0.02, atol=0.1)
+
+
+def test_nan_propagates():
+    x = torch.randn(1, 16, dtype=torch.bfloat16)
+    x[0, 3] = float("nan")
+    out = gemv.linear(x, torch.randn(12, 16, dtype=torch.bfloat16))
+    assert out.isnan().all()
