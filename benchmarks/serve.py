@@ -310,9 +310,25 @@ def _serve_case(args, case: str, folder: str | None, dtype: str = "float32", eng
 # ---- single stream -----------------------------------------------------------------------------------------
 
 def llama_cpp_tokens_per_s(folder: str, dtype: torch.dtype, prompt_ids: list, max_tokens: int) -> float | None:
-    """The llama.cpp baseline's tokens/s on the same prompt ids (whole call, prefill included): the lead adds
-    it (a GGUF of the same weights in that dtype, llama.cpp's own timing). None: not available, no record."""
-    return None
+    """llama.cpp's tokens/s on the same prompt ids (whole call, prefill included, EOS ignored), on a GGUF file of
+    the same weights at equal precision (F32 / BF16, made by llama.cpp's ``convert_hf_to_gguf.py``), with as
+    many threads as torch has; median of 3 after a warm-up. None where llama-cpp-python is not installed
+    (``make bench-real`` builds it) or the dtype has no equal-precision file type."""
+    outtype = {torch.float32: "f32", torch.bfloat16: "bf16"}.get(dtype)
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        print("  llama.cpp: llama-cpp-python is not installed (make bench-real builds it); no record", flush=True)
+        return None
+    if outtype is None:
+        return None
+    import _llamacpp
+
+    llm = _llamacpp.load(_llamacpp.convert(folder, outtype), threads=torch.get_num_threads())
+    _llamacpp.single_stream(llm, prompt_ids, max_tokens)
+    times = [_llamacpp.single_stream(llm, prompt_ids, max_tokens)[0] for _ in range(3)]
+    del llm
+    return max_tokens / statistics.median(times)
 
 
 # name -> function(folder, dtype, prompt_ids, max_tokens) -> tokens/s or None; one record each when not None
