@@ -79,7 +79,7 @@ class LLM:
     """An offline serving engine over the paged KV cache.
 
     Args:
-        model: a local Hugging Face folder, a preset name (``memattn.engine.models.PRESETS``), a HF config
+        model: a local Hugging Face folder, a GGUF file (``*.gguf``), a preset name (``memattn.engine.models.PRESETS``), a HF config
             dict, a ``ModelConfig`` (random weights), or a model built by ``memattn.engine.models``.
         config: an ``EngineConfig``: every engine option (pool, budgets, preemption, dtype, device, seed).
         tokenizer: anything with encode(str) -> ids and decode(ids) -> str; default: the folder's
