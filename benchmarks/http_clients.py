@@ -290,6 +290,8 @@ def main(argv=None) -> int:
                 results[name] = None
             finally:
                 server.close()
+            if args.json:  # each server's summary as soon as it is measured: a later one may not finish
+                write_json(args.json + ".partial", [dict(server=k, **(v or {})) for k, v in results.items()])
             if results[name]:
                 r = results[name]
                 print(f"  {name}: {r['out_tokens']} tokens in {r['wall_s']:.1f} s = {r['tokens_per_s']:.1f} "
