@@ -79,8 +79,9 @@ class LLM:
     """An offline serving engine over the paged KV cache.
 
     Args:
-        model: a local Hugging Face folder, a GGUF file (``*.gguf``), a preset name (``memattn.engine.models.PRESETS``), a HF config
-            dict, a ``ModelConfig`` (random weights), or a model built by ``memattn.engine.models``.
+        model: a local Hugging Face folder, a GGUF file (``*.gguf``), a preset name
+            (``memattn.engine.models.PRESETS``), a HF config dict, a ``ModelConfig`` (random weights), or a
+            model built by ``memattn.engine.models``.
         config: an ``EngineConfig``: every engine option (pool, budgets, preemption, dtype, device, seed).
         tokenizer: anything with encode(str) -> ids and decode(ids) -> str; default: the folder's
             tokenizer.json, or bytes for random models.
@@ -195,7 +196,7 @@ class LLM:
             seqs += [seq, *forks]
             rows += [r] * (1 + len(forks))
         if rows != list(range(logits.shape[0])):  # forks (n > 1) repeat their row
-            logits = logits[torch.tensor(rows, dtype=torch.int64)] if rows else logits
+            logits = logits[torch.tensor(rows, dtype=torch.int64)]
         tokens = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
         now = time.perf_counter()
         events = []
