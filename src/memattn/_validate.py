@@ -110,3 +110,17 @@ def check_window(window_size) -> tuple[int, int]:
         if w < -1:
             raise ValueError(f"window_size {name} must be >= -1 (-1 = unbounded), got {w}")
     return int(left), int(right)
+
+
+def check_sinks(sinks, heads: int, dtype, device) -> None:
+    """Learnable sink logits: a float tensor (heads,), float32 or the input dtype, on the input's device."""
+    if sinks is None:
+        return
+    if not isinstance(sinks, torch.Tensor):
+        raise TypeError(f"sinks must be a tensor of one logit per query head, got {type(sinks).__name__}")
+    if tuple(sinks.shape) != (heads,):
+        raise ValueError(f"sinks must have shape (heads,) = ({heads},), got {tuple(sinks.shape)}")
+    if sinks.dtype not in (torch.float32, dtype):
+        raise TypeError(f"sinks must be float32 or the input dtype {dtype}, got {sinks.dtype}")
+    if sinks.device != device:
+        raise ValueError(f"sinks is on {sinks.device} but q is on {device}")

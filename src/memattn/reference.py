@@ -13,7 +13,7 @@ import torch
 from ._validate import check_dense_qkv, check_window, resolve_scale
 
 
-def attention(q, k, v, *, mask=None, bias=None, softmax_scale=None, softcap=0.0, return_lse=False):
+def attention(q, k, v, *, mask=None, bias=None, softmax_scale=None, softcap=0.0, return_lse=False, sinks=None):
     """Materialised softmax attention, computed in q's dtype.
 
     Args:
@@ -21,9 +21,11 @@ def attention(q, k, v, *, mask=None, bias=None, softmax_scale=None, softcap=0.0,
         mask: bool, broadcastable to (B, H, Sq, Sk), True = visible. None = all visible.
         bias: float, broadcastable to (B, H, Sq, Sk), added to the (softcapped) scores.
         softmax_scale: default 1 / sqrt(D). softcap: scores -> softcap * tanh(scores / softcap); 0 = off.
+        sinks: (H,) learnable sink logits: one more score column per head, always visible, whose
+            value is 0 (it only joins the softmax denominator).
     Returns:
         out (B, Sq, H, D) and, with return_lse, lse (B, H, Sq) (natural log; -inf for rows
-        with no visible key, whose output is 0).
+        with no visible key, whose output is 0; with sinks such a row has lse = sink).
     """
     check_dense_qkv(q, k, v)
     scale = resolve_scale(softmax_scale, q.shape[-1])
@@ -38,6 +40,9 @@ def attention(q, k, v, *, mask=None, bias=None, softmax_scale=None, softcap=0.0,
         s = s + bias.to(s.dtype)
     if mask is not None:
         s = s.masked_fill(~mask, float("-inf"))
+    if sinks is not None:  # the materialised sink: a score column with a zero value row
+        s = torch.cat([s, sinks.to(s.dtype).view(1, -1, 1, 1).expand(*s.shape[:-1], 1)], dim=-1)
+        v = torch.cat([v, v.new_zeros(v.shape[0], 1, *v.shape[2:])], dim=1)
     m = s.amax(dim=-1, keepdim=True)
     m = torch.where(torch.isneginf(m), torch.zeros_like(m), m).detach()
     p = torch.exp(s - m)
@@ -52,7 +57,7 @@ def attention(q, k, v, *, mask=None, bias=None, softmax_scale=None, softcap=0.0,
 
 def paged_attention(q, key_cache, value_cache, block_table, cache_seqlens, *, cu_seqlens_q=None,
                     softmax_scale=None, causal=True, window_size=(-1, -1), alibi_slopes=None, softcap=0.0,
-                    return_lse=False):
+                    return_lse=False, sinks=None):
     """``memattn.paged_attention`` the slow, obvious way, computed in q's dtype: the oracle of the
     paged tests (run it in float64). Same arguments and results; inputs are assumed valid.
 
@@ -61,6 +66,7 @@ def paged_attention(q, key_cache, value_cache, block_table, cache_seqlens, *, cu
     and L = cache_seqlens[b] keys has query i at position p = i + L - Lq: key j is visible iff
     p - left <= j <= p + right (window_size; causal caps right at 0), with ALiBi bias
     -slope * |p - j| (float32 slopes and distances, as ``memattn.paged_attention`` adds them).
+    sinks: (H,) sink logits, joining every row's softmax (``attention``'s sinks).
     """
     left, right = check_window(window_size)
     if causal:
@@ -92,7 +98,7 @@ def paged_attention(q, key_cache, value_cache, block_table, cache_seqlens, *, cu
             bias = -slopes.view(1, h, 1, 1) * (p - j).abs().to(torch.float32)
         o, l = attention(qp[q0:q0 + lq].unsqueeze(0), flat_k[slots].unsqueeze(0), flat_v[slots].unsqueeze(0),
                          mask=mask, bias=bias, softmax_scale=resolve_scale(softmax_scale, d), softcap=softcap,
-                         return_lse=True)
+                         return_lse=True, sinks=sinks)
         out[q0:q0 + lq], lse[:, q0:q0 + lq] = o[0], l[0]
     if packed:
         return (out, lse) if return_lse else out

@@ -4,9 +4,10 @@ from __future__ import annotations
 import torch
 
 from .. import kernels
-from .._validate import check_dense_qkv, check_positive_int
+from .._validate import check_dense_qkv, check_positive_int, check_sinks
 from ..masks import WindowMask
 from .blockwise import blockwise_attention
+from .merge import merge_sinks
 from .spec import AttentionSpec, build_spec, default_block
 from .standard import checkpointed_attention, standard_attention
 
@@ -59,7 +60,8 @@ def run_method(q, k, v, spec: AttentionSpec, method: str, block_size: int | None
 
 
 def attention(q, k, v, *, causal=False, softmax_scale=None, key_padding_mask=None, window_size=(-1, -1),
-              alibi_slopes=None, softcap=0.0, mask=None, method="auto", block_size=None, return_lse=False):
+              alibi_slopes=None, softcap=0.0, mask=None, method="auto", block_size=None, return_lse=False,
+              sinks=None):
     """Exact softmax attention with a choice of memory strategy.
 
     Args:
@@ -86,6 +88,9 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, key_padding_mask=Non
             in query blocks of up to 4096 rows.
         return_lse: also return lse (batch, heads, seqlen_q), float32 (float64 for float64 input),
             differentiable.
+        sinks: learnable attention sinks (gpt-oss): (heads,) float32 or q's dtype, one logit per query head
+            that joins the softmax denominator and holds no value (p_j = exp(s_j) / (exp(sink) + sum exp(s));
+            lse includes it). Differentiable; every method (``ops.merge.merge_sinks`` on its (out, lse)).
     Returns:
         out (batch, seqlen_q, heads, head_dim) in q's dtype, or (out, lse). Rows with no visible key
         give out 0 and lse -inf.
@@ -93,5 +98,8 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, key_padding_mask=Non
     check_dense_qkv(q, k, v)
     spec = build_spec(q.shape, k.shape[1], device=q.device, causal=causal, softmax_scale=softmax_scale, key_padding_mask=key_padding_mask,
                       window_size=window_size, alibi_slopes=alibi_slopes, softcap=softcap, mask=mask)
-    out, lse = run_method(q, k, v, spec, method, block_size, return_lse)
+    check_sinks(sinks, q.shape[2], q.dtype, q.device)
+    out, lse = run_method(q, k, v, spec, method, block_size, return_lse or sinks is not None)
+    if sinks is not None:
+        out, lse = merge_sinks(out, lse, sinks)
     return (out, lse) if return_lse else out

@@ -37,3 +37,28 @@ def merge_attention(out_a, lse_a, out_b, lse_b):
     ca = (wa / total).transpose(-1, -2).unsqueeze(-1)
     cb = (wb / total).transpose(-1, -2).unsqueeze(-1)
     return out_a * ca + out_b * cb, lse
+
+
+def merge_sinks(out, lse, sinks):
+    """Fold learnable attention sinks (gpt-oss) into a finished attention result.
+
+    A sink is one extra logit per query head that joins the softmax denominator and carries no
+    value: a partial result with out 0 and lse = sink. Merging it (the same formula as
+    ``merge_attention``) gives
+
+        lse' = logaddexp(lse, sink)        out' = out * exp(lse - lse') = out * sigmoid(lse - sink)
+
+    Rows that saw no key (lse -inf) stay out 0, with lse' = sink. Differentiable in out, lse and
+    sinks: d sink = sum over rows of p_sink * (dlse' - rowsum(dO' * out')), p_sink = exp(sink - lse').
+
+    Args:
+        out: (..., S, H, D) normalised attention output (dense (B, S, H, D) or packed (T, H, D)).
+        lse: (..., H, S) its log-sum-exp (natural log).
+        sinks: (H,) float, one logit per query head.
+    Returns:
+        out' (..., S, H, D) in out's dtype (scaled in lse's dtype), lse' (..., H, S) in lse's dtype.
+    """
+    s = sinks.to(lse.dtype).unsqueeze(-1)  # (H, 1) broadcasts over (..., H, S)
+    merged = torch.logaddexp(lse, s)
+    keep = torch.exp(lse - merged)  # sigmoid(lse - sink); 0 where lse is -inf
+    return (out.to(lse.dtype) * keep.transpose(-1, -2).unsqueeze(-1)).to(out.dtype), merged

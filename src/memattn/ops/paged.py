@@ -31,6 +31,8 @@ import torch
 from .. import kernels
 from ..kernels.merge import merge_partials
 from ..reference import paged_attention as paged_attention_reference
+from .._validate import check_sinks
+from .merge import merge_sinks
 from .paged_metadata import PagedMetadata, paged_metadata, resolve
 from .schedule import Problem, forward
 from .spec import AttentionSpec, build_spec
@@ -70,8 +72,12 @@ def _row_spec(spec: AttentionSpec, rows) -> AttentionSpec:
     return dataclasses.replace(spec, alibi_slopes=s[rows])
 
 
-def _finish(batch: _Batch, out, lse, return_lse):
-    """Packed (total_q, H, D) / (H, total_q) results -> the caller's layout."""
+def _finish(batch: _Batch, out, lse, return_lse, sinks=None):
+    """Packed (total_q, H, D) / (H, total_q) results in the compute dtype -> the caller's layout in q's dtype,
+    sinks merged first (before the output is rounded to q's dtype)."""
+    if sinks is not None:
+        out, lse = merge_sinks(out, lse, sinks)
+    out = out.to(batch.q.dtype)
     h = out.shape[1]
     if not batch.md.packed:
         b, sq = batch.shape[0], batch.shape[1]
@@ -185,7 +191,7 @@ def _decode_gather(q, key_cache, value_cache, block_table, ranges, *, scale, sof
 
 def paged_attention(q, key_cache, value_cache, block_table, cache_seqlens, *, cu_seqlens_q=None,
                     softmax_scale=None, causal=True, window_size=(-1, -1), alibi_slopes=None, softcap=0.0,
-                    return_lse=False, metadata: PagedMetadata | None = None):
+                    return_lse=False, metadata: PagedMetadata | None = None, sinks=None):
     """Attention of new queries to a paged KV cache (decode, prefill and chunked prefill). Inference only.
 
     Args:
@@ -215,6 +221,8 @@ def paged_attention(q, key_cache, value_cache, block_table, cache_seqlens, *, cu
             ...)``, built once per engine step for all its layers: the call then skips validating
             them. block_table, cache_seqlens and cu_seqlens_q may then be None (else they must be the
             tensors it was built from).
+        sinks: (heads,) float32 or q's dtype: learnable sink logits (gpt-oss), one per query head, joining
+            the softmax denominator with no value (``memattn.attention``'s sinks; lse includes them).
     Returns:
         out shaped like q, in q's dtype (rows with no visible key: 0, lse -inf), or (out, lse).
 
@@ -224,13 +232,14 @@ def paged_attention(q, key_cache, value_cache, block_table, cache_seqlens, *, cu
     batch = _prepare(q, key_cache, value_cache, block_table, cache_seqlens, cu_seqlens_q, softmax_scale,
                      causal, window_size, alibi_slopes, softcap, metadata)
     spec, qp, md = batch.spec, batch.q, batch.md
+    check_sinks(sinks, qp.shape[1], qp.dtype, qp.device)
     backend = kernels.choose(qp, softcap=spec.softcap)
     cd = kernels.compute_dtype(qp.dtype)
     h = qp.shape[1]
     if md.decode and md.decode_q_rows is None:  # a pure decode step: no scatter into the packed rows
         with torch.no_grad():
             o, l = _decode_rows(qp, key_cache, value_cache, md, spec, backend)
-        return _finish(batch, o.to(q.dtype), l.transpose(0, 1), return_lse)
+        return _finish(batch, o, l.transpose(0, 1), return_lse, sinks)
     out = torch.zeros(qp.shape, dtype=cd, device=qp.device)
     lse = torch.full((h, qp.shape[0]), float("-inf"), dtype=cd, device=qp.device)
     with torch.no_grad():
@@ -243,7 +252,7 @@ def paged_attention(q, key_cache, value_cache, block_table, cache_seqlens, *, cu
             o, l = _prefill_sequence(qp[q0:q0 + lq].unsqueeze(0), key_cache, value_cache, md.block_table[b],
                                      md.ctx_lens[b], _row_spec(spec, b), backend.tiles)
             out[q0:q0 + lq], lse[:, q0:q0 + lq] = o[0], l[0]
-    return _finish(batch, out.to(q.dtype), lse, return_lse)
+    return _finish(batch, out, lse, return_lse, sinks)
 
 
 def paged_decode_step(q, key_cache, value_cache, metadata: PagedMetadata, *, softmax_scale=None,

@@ -5,8 +5,9 @@ No padding is computed: tiles only ever pair queries and keys of the same sequen
 from __future__ import annotations
 
 from .. import kernels
-from .._validate import check_int32, check_packed_qkv
+from .._validate import check_int32, check_packed_qkv, check_sinks
 from .blockwise import blockwise_attention
+from .merge import merge_sinks
 from .schedule import Problem
 from .spec import build_spec, default_block
 
@@ -28,7 +29,7 @@ def _check_cu_seqlens(name, cu, total, batch=None):
 
 
 def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, causal=False,
-                     softmax_scale=None, window_size=(-1, -1), alibi_slopes=None, softcap=0.0, return_lse=False):
+                     softmax_scale=None, window_size=(-1, -1), alibi_slopes=None, softcap=0.0, return_lse=False, sinks=None):
     """Attention over packed variable-length sequences.
 
     Args:
@@ -38,10 +39,12 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
         max_seqlen_q, max_seqlen_k: the longest sequence lengths (checked: must be >= the actual maxima).
         causal, window_size, alibi_slopes ((H,) or (batch, H)), softcap, softmax_scale: as in
             ``memattn.attention``, applied within each sequence (bottom-right aligned per sequence).
+        sinks: (H,) learnable sink logits, as in ``memattn.attention``.
     Returns:
         out (total_q, H, D), and with return_lse, lse (H, total_q) float32.
     """
     check_packed_qkv(q, k, v)
+    check_sinks(sinks, q.shape[1], q.dtype, q.device)
     cq = _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0])
     ck = _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], batch=len(cq) - 1)
     lens_q = [b - a for a, b in zip(cq, cq[1:])]
@@ -59,4 +62,6 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     block = default_block(spec, backend)
     out, lse = blockwise_attention(q4, k4, v4, spec, block, block, impl=backend, problems=problems)
     out, lse = out.squeeze(0), lse.squeeze(0)
+    if sinks is not None:
+        out, lse = merge_sinks(out, lse, sinks)
     return (out, lse) if return_lse else out
