@@ -19,6 +19,10 @@ block of a sequence can be partly filled, which bounds the waste to one block pe
   cached content goes to the head (nothing is lost by reusing it first). Cached blocks are
   evicted lazily: their hash is dropped only when the block is popped for reuse, and a prefix
   hit on a free cached block takes it back out of the queue.
+- **Eviction (StreamingLLM).** ``evict`` frees a sequence's blocks that no later query reads (a window
+  has passed them), keeping ``pinned`` leading blocks (the sinks'). The sequence keeps its logical
+  token positions: its table lists the pinned blocks, then the kept ones, and ``num_evicted`` tells
+  how many logical blocks lie between them (``slot_mapping`` accounts for them).
 - **All or nothing.** ``allocate`` and ``append_slots`` raise ``OutOfBlocksError`` and change
   nothing when there are too few free blocks; ``can_allocate`` / ``can_append`` ask first.
 """
@@ -58,6 +62,16 @@ class _Sequence:
     token_ids: list[int]
     extra_key: object = None
     hashes: list[int] = field(default_factory=list)  # chained hashes of its first full, computed blocks
+    pinned: int = 0  # leading blocks eviction keeps
+    evicted: int = 0  # logical blocks pinned .. pinned + evicted - 1 were freed (not in `blocks`)
+
+    def index(self, logical: int) -> int:
+        """Position in `blocks` of logical block `logical` (one that was not evicted)."""
+        return logical if logical < self.pinned else logical - self.evicted
+
+    @property
+    def logical_blocks(self) -> int:
+        return len(self.blocks) + self.evicted
 
 
 class BlockManager:
@@ -98,12 +112,18 @@ class BlockManager:
     def num_tokens(self, seq_id) -> int:
         return len(self._seq(seq_id).token_ids)
 
+    def num_evicted(self, seq_id) -> int:
+        """Logical blocks evicted from the sequence (they sat right after its pinned blocks)."""
+        return self._seq(seq_id).evicted
+
     def slot_mapping(self, seq_id, start: int, end: int) -> list[int]:
         """Cache slots (block * block_size + offset) of the sequence's tokens [start, end)."""
         seq, bs = self._seq(seq_id), self.block_size
         if not 0 <= start <= end <= len(seq.token_ids):
             raise ValueError(f"token range [{start}, {end}) outside the sequence's {len(seq.token_ids)} tokens")
-        return [seq.blocks[j // bs] * bs + j % bs for j in range(start, end)]
+        if seq.evicted and start < end and seq.pinned <= start // bs < seq.pinned + seq.evicted:
+            raise ValueError(f"token {start} lies in an evicted block")
+        return [seq.blocks[seq.index(j // bs)] * bs + j % bs for j in range(start, end)]
 
     def ref_count(self, block_id: int) -> int:
         return self._ref[block_id]
@@ -118,7 +138,8 @@ class BlockManager:
         for seq in self._seqs.values():
             n = len(seq.token_ids)
             for i, blk in enumerate(seq.blocks):
-                filled[blk] = max(filled.get(blk, 0), min(bs, n - i * bs))
+                logical = i if i < seq.pinned else i + seq.evicted
+                filled[blk] = max(filled.get(blk, 0), min(bs, n - logical * bs))
         tokens = sum(filled.values())
         used = len(filled)
         return BlockStats(self.num_blocks, bs, used, len(self._free), len(self._cached), tokens,
@@ -158,7 +179,10 @@ class BlockManager:
         parent = seq.hashes[-1] if seq.hashes else None
         for i, (key, h) in enumerate(self._block_keys(seq.token_ids, seq.extra_key, parent, len(seq.hashes), upto),
                                      start=len(seq.hashes)):
-            blk = seq.blocks[i]
+            if seq.pinned <= i < seq.pinned + seq.evicted:  # freed by eviction: its hash only chains on
+                seq.hashes.append(h)
+                continue
+            blk = seq.blocks[seq.index(i)]
             if h not in self._cached and self._hash[blk] is None:
                 self._cached[h], self._hash[blk], self._key[blk] = blk, h, key
             seq.hashes.append(h)
@@ -218,7 +242,7 @@ class BlockManager:
     def _append_cost(self, seq: _Sequence, num_new: int) -> int:
         if num_new == 0:
             return 0
-        return self._blocks_for(len(seq.token_ids) + num_new) - len(seq.blocks) + self._needs_copy(seq)
+        return self._blocks_for(len(seq.token_ids) + num_new) - seq.logical_blocks + self._needs_copy(seq)
 
     def can_append(self, seq_id, num_new_tokens: int = 1) -> bool:
         return self._append_cost(self._seq(seq_id), num_new_tokens) <= len(self._free)
@@ -243,7 +267,7 @@ class BlockManager:
             seq.blocks[-1] = self._take_free()
             pairs.append((src, seq.blocks[-1]))
         seq.token_ids.extend(token_ids)
-        seq.blocks.extend(self._take_free() for _ in range(self._blocks_for(len(seq.token_ids)) - len(seq.blocks)))
+        seq.blocks.extend(self._take_free() for _ in range(self._blocks_for(len(seq.token_ids)) - seq.logical_blocks))
         return pairs
 
     def fork(self, parent_id, child_id) -> None:
@@ -254,14 +278,17 @@ class BlockManager:
         for blk in parent.blocks:
             self._ref[blk] += 1
         self._seqs[child_id] = _Sequence(list(parent.blocks), list(parent.token_ids), parent.extra_key,
-                                         list(parent.hashes))
+                                         list(parent.hashes), parent.pinned, parent.evicted)
 
     def free(self, seq_id) -> None:
         """Release the sequence; blocks whose count reaches 0 join the free queue, last block first."""
         seq = self._seqs.pop(seq_id, None)
         if seq is None:
             raise KeyError(f"unknown sequence {seq_id!r}")
-        for blk in reversed(seq.blocks):
+        self._release(reversed(seq.blocks))
+
+    def _release(self, blocks) -> None:
+        for blk in blocks:
             if self._ref[blk] <= 0:
                 raise AssertionError(f"block {blk} freed twice")
             self._ref[blk] -= 1
@@ -269,6 +296,25 @@ class BlockManager:
                 self._free[blk] = None
                 if self._hash[blk] is None:
                     self._free.move_to_end(blk, last=False)
+
+    def evict(self, seq_id, keep_from: int, pinned: int) -> int:
+        """Free the sequence's blocks that lie wholly before token `keep_from`, except its first `pinned`
+        logical blocks (StreamingLLM: the sinks' blocks; the window has passed the others). Logical token
+        positions are unchanged; ``slot_mapping`` of an evicted token is an error. Returns how many
+        blocks were released. `pinned` must be the same on every call for a sequence."""
+        seq = self._seq(seq_id)
+        if seq.evicted and pinned != seq.pinned:
+            raise ValueError(f"sequence {seq_id!r} was evicted with {seq.pinned} pinned blocks, now {pinned}")
+        seq.pinned = pinned
+        first = pinned + seq.evicted  # the first kept block after the pinned ones
+        upto = min(keep_from // self.block_size, seq.logical_blocks - 1)  # never the last (partial) block
+        if upto <= first:
+            return 0
+        gone = seq.blocks[pinned:pinned + upto - first]
+        del seq.blocks[pinned:pinned + upto - first]
+        seq.evicted += len(gone)
+        self._release(gone)
+        return len(gone)
 
     def _seq(self, seq_id) -> _Sequence:
         try:

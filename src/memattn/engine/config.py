@@ -118,6 +118,10 @@ class EngineConfig:
     after validation always a torch dtype. A model object given to ``LLM`` keeps its own dtype.
     device: of the model and the pool ("cpu", "cuda:0", ...), a torch.device after validation.
     seed: of the random weights of a preset, HF config dict or ModelConfig (a checkpoint ignores it).
+    attention_sinks, streaming_window: StreamingLLM (``engine.streaming``): with a window W, every query
+    attends to the first attention_sinks tokens and the last W; a sequence keeps only their blocks (the
+    rest freed as it goes) and is not bound by max_model_len. None: off. Rotary (llama) models without a
+    sliding window of their own; no prefix caching (turned off) and no swap preemption (refused).
 
     Each field's ``metadata["help"]`` is its command-line help (``memattn.engine.args.add_engine_args``).
     """
@@ -136,18 +140,39 @@ class EngineConfig:
     device: torch.device = _option(torch.device("cpu"), "device of the model and the KV pool")
     seed: int = _option(0, "seed of random weights (presets, configs; a checkpoint ignores it)",
                         flag="--model-seed")
+    attention_sinks: int = _option(0, "StreamingLLM: leading tokens every query keeps attending to "
+                                      "(with --streaming-window)")
+    streaming_window: int | None = _option(None, "StreamingLLM: recent tokens each query attends to; a sequence "
+                                                 "keeps only these and its sinks, past max_model_len")
 
     def __post_init__(self):
         for name in ("block_size", "kv_cache_memory", "max_num_seqs", "max_num_batched_tokens", "swap_space"):
             _check_int(name, getattr(self, name))
         _check_int("num_kv_blocks", self.num_kv_blocks, allow_none=True)
         _check_int("max_model_len", self.max_model_len, allow_none=True)
+        _check_int("attention_sinks", self.attention_sinks, low=0)
+        _check_int("streaming_window", self.streaming_window, allow_none=True)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):  # any int: torch takes negative seeds
             raise ValueError(f"seed must be an int, got {self.seed!r}")
         if self.preemption not in PREEMPTION:
             raise ValueError(f"preemption must be one of {PREEMPTION}, got {self.preemption!r}")
         object.__setattr__(self, "dtype", _dtype(self.dtype))
         object.__setattr__(self, "device", _device(self.device))
+
+    def streaming_policy(self):
+        """The StreamingLLM policy (``engine.streaming.StreamingPolicy``) or None; the options that go together
+        are checked here (each flag alone is valid, so that the command line can parse them one by one)."""
+        if self.streaming_window is None:
+            if self.attention_sinks:
+                raise ValueError(f"attention_sinks = {self.attention_sinks} needs a streaming_window (the recent "
+                                 "tokens kept beside the sinks)")
+            return None
+        if self.preemption == "swap":
+            raise ValueError("streaming_window supports preemption 'recompute' only (a sequence's early blocks are "
+                             "freed as it goes, so there is no whole sequence to swap)")
+        from .streaming import StreamingPolicy
+
+        return StreamingPolicy(self.attention_sinks, self.streaming_window, self.block_size)
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import sys
 import time
 from dataclasses import dataclass
 
@@ -105,16 +106,30 @@ class LLM:
         if num_blocks < 1:
             raise ValueError(f"kv_cache_memory {c.kv_cache_memory} bytes holds no block ({per_block} bytes each)")
         self.max_model_len = min(mc.max_position_embeddings, c.max_model_len or mc.max_position_embeddings)
-        self.blocks = BlockManager(num_blocks, c.block_size, enable_prefix_caching=c.enable_prefix_caching)
+        self.streaming = policy = c.streaming_policy()
+        if policy is not None:
+            self.max_model_len = self._check_streaming(policy)
+        self.blocks = BlockManager(num_blocks, c.block_size,
+                                   enable_prefix_caching=c.enable_prefix_caching and policy is None)
         swap_blocks = c.swap_space // per_block if c.preemption == "swap" else 0
         self.cache = PagedKVCache(mc.num_layers, num_blocks, c.block_size, mc.num_kv_heads, mc.head_dim,
                                   dtype=dtype, device=c.device, swap_blocks=swap_blocks)
         self.scheduler = Scheduler(self.config, self.blocks, self.cache)
-        self.runner = ModelRunner(self.model, self.blocks, self.cache, c.device)
+        self.runner = ModelRunner(self.model, self.blocks, self.cache, c.device, streaming=policy)
         self._requests: dict[int, _Request] = {}
         self._ids = itertools.count()
         # prefix cache, in prompt tokens of admitted sequences: looked up, and found computed (served metrics)
         self.prefix_queries = self.prefix_hits = 0
+
+    def _check_streaming(self, policy) -> int:
+        """StreamingLLM's requirements (``engine.streaming``); returns the length bound it leaves (none)."""
+        mc = self.model_config
+        if mc.arch != "llama":
+            raise ValueError(f"streaming_window needs a rotary (llama) model; {mc.arch} has learned absolute "
+                             "positions")
+        if any(w is not None for w in mc.windows):
+            raise ValueError("streaming_window on a model with a sliding window of its own is not supported")
+        return sys.maxsize  # a streaming sequence is not bound by max_model_len
 
     # ---- requests ---------------------------------------------------------------------------------
 
@@ -151,7 +166,7 @@ class LLM:
         ids = self._tokens(prompt)
         longest = min(len(ids) + params.max_tokens, self.max_model_len)
         need = -(-longest // self.blocks.block_size)
-        if need > self.blocks.num_blocks:
+        if self.streaming is None and need > self.blocks.num_blocks:  # (streaming: checked once, at start)
             raise ValueError(f"request may grow to {longest} tokens = {need} blocks, but the KV pool has only "
                              f"{self.blocks.num_blocks}; raise kv_cache_memory or lower max_tokens")
         rid = next(self._ids)

@@ -15,6 +15,10 @@ A long prompt is therefore prefilled in chunks beside the running decodes. Order
 ``schedule()`` decides and keeps the books (block tables, swap slots) but moves no KV: it returns a
 ``StepPlan`` whose block copies and swaps the model runner applies before the forward pass. After the pass,
 ``update(plan)`` advances the sequences and forks those that finished their prompt with ``n > 1``.
+
+Under StreamingLLM (``engine.streaming``) a sequence holds blocks only for the tokens it computes: admission
+and growth allocate the step's chunk, not the whole prompt, and ``update`` frees the blocks its window has
+left behind.
 """
 from __future__ import annotations
 
@@ -90,6 +94,16 @@ def _width(seq: Sequence) -> int:
 class Scheduler:
     def __init__(self, config: EngineConfig, blocks: BlockManager, cache: PagedKVCache):
         self.config, self.blocks, self.cache = config, blocks, cache
+        self.streaming = policy = config.streaming_policy()
+        # streaming: one sequence's chunk per step is capped so that its window and chunk fit the pool
+        self._chunk = config.max_num_batched_tokens
+        if policy is not None:
+            room = blocks.num_blocks - policy.pinned_blocks - policy.window_blocks
+            if room < 1:
+                raise ValueError(f"a streaming sequence holds {policy.pinned_blocks + policy.window_blocks} blocks "
+                                 f"(sinks {policy.sinks}, window {policy.window}) plus its step's new tokens, but "
+                                 f"the KV pool has only {blocks.num_blocks}")
+            self._chunk = min(self._chunk, room * blocks.block_size)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.swapped: deque[Sequence] = deque()
@@ -109,14 +123,20 @@ class Scheduler:
 
     # ---- blocks -----------------------------------------------------------------------------------
 
-    def _grow(self, seq: Sequence) -> bool:
-        """Give the sequence blocks for all its tokens (copy-on-write applied); False if the pool is short."""
+    def _upto(self, seq: Sequence, n: int) -> int:
+        """Tokens the sequence needs blocks for when it computes n more: all of them, or (streaming) only
+        up to the end of this step's chunk."""
+        return seq.num_computed + n if self.streaming is not None else seq.num_tokens
+
+    def _grow(self, seq: Sequence, upto: int) -> bool:
+        """Give the sequence blocks for its first `upto` tokens (copy-on-write applied); False if the pool is
+        short."""
         have = self.blocks.num_tokens(seq.seq_id)
-        if have == seq.num_tokens:
+        if have >= upto:
             return True
-        if not self.blocks.can_append(seq.seq_id, seq.num_tokens - have):
+        if not self.blocks.can_append(seq.seq_id, upto - have):
             return False
-        self._plan.copies += self.blocks.append_slots(seq.seq_id, seq.token_ids[have:])
+        self._plan.copies += self.blocks.append_slots(seq.seq_id, seq.token_ids[have:upto])
         return True
 
     def _preempt(self, seq: Sequence) -> None:
@@ -162,7 +182,8 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            while not self._grow(seq):
+            n = min(seq.num_tokens - seq.num_computed, budget, self._chunk)
+            while not self._grow(seq, self._upto(seq, n)):
                 victim = self.running[-1]
                 self._preempt(victim)
                 preempted = True
@@ -170,7 +191,6 @@ class Scheduler:
                     break
             if seq not in self.running:
                 break
-            n = min(seq.num_tokens - seq.num_computed, budget)
             out.append((seq, n))
             budget -= n
             i += 1
@@ -183,20 +203,21 @@ class Scheduler:
             self.swapped.popleft()
             self.running.append(seq)
             occupied += _width(seq)
-            if not self._grow(seq):
+            if not self._grow(seq, seq.num_tokens):
                 break
             n = min(seq.num_tokens - seq.num_computed, budget)
             out.append((seq, n))
             budget -= n
         while self.waiting and budget > 0 and not preempted and not self.swapped:
             seq = self.waiting[0]
-            if occupied + _width(seq) > limit or not self.blocks.can_allocate(seq.token_ids):
+            tokens = seq.token_ids[:self._upto(seq, min(seq.num_tokens, budget, self._chunk))]
+            if occupied + _width(seq) > limit or not self.blocks.can_allocate(tokens):
                 break
             occupied += _width(seq)
             self.waiting.popleft()
-            seq.num_computed = self.blocks.allocate(seq.seq_id, seq.token_ids)
+            seq.num_computed = self.blocks.allocate(seq.seq_id, tokens)
             self.running.append(seq)
-            n = min(seq.num_tokens - seq.num_computed, budget)
+            n = min(len(tokens) - seq.num_computed, budget)
             out.append((seq, n))
             budget -= n
         plan.sampling = [i for i, (seq, n) in enumerate(out) if seq.num_computed + n == seq.num_tokens]
@@ -212,6 +233,9 @@ class Scheduler:
         for seq, n in plan.scheduled:
             seq.num_computed += n
             self.blocks.mark_computed(seq.seq_id, seq.num_computed)
+            if self.streaming is not None:  # blocks the next query's window has left behind
+                self.blocks.evict(seq.seq_id, self.streaming.keep_from(seq.num_computed),
+                                  self.streaming.pinned_blocks)
         groups = []
         for i in plan.sampling:
             seq = plan.scheduled[i][0]

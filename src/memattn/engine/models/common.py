@@ -11,6 +11,7 @@ from torch import nn
 from ...cache import PagedKVCache
 from ...kernels import gemv
 from ...ops.paged import PagedMetadata, paged_attention, paged_decode_step
+from ..streaming import StreamingStep, merge_sink_part
 
 
 @dataclass
@@ -35,17 +36,30 @@ class StepBatch:
     # a pure decode step's attention bound once per (scale, window) by the first layer (``paged_decode_step``);
     # None marks a step it does not take
     decode_steps: dict = field(default_factory=dict, repr=False)
+    # StreamingLLM (``engine.streaming``): the window W every layer attends with (block_table and cache_seqlens
+    # then describe the window part), and the sink part's metadata (None without sinks)
+    window: int | None = None
+    streaming: StreamingStep | None = None
 
 
 def paged_self_attention(q, k, v, batch: StepBatch, cache: PagedKVCache, layer: int, *, scale: float,
-                         window: int | None = None):
+                         window: int | None = None, q_sinks=None):
     """Write the new k, v (T, Hkv, D) into the pool, then attend q (T, H, D) to each sequence's context.
 
     window W (transformers' ``sliding_window``): key j is visible to query i iff i - W < j <= i.
+    StreamingLLM (``batch.window``, ``batch.streaming``): q attends to the window, q_sinks (q rotated at
+    its cache positions) to the sinks, the two merged (``engine.streaming``).
     """
     cache.write(batch.slot_mapping, k, v, layer=layer)
+    if batch.window is not None:  # the engine's streaming window (the model has none of its own)
+        window = batch.window
     window_size = (-1, -1) if window is None else (window - 1, 0)
     kc, vc = cache.key_cache(layer), cache.value_cache(layer)
+    if batch.streaming is not None:
+        out, lse = paged_attention(q, kc, vc, batch.block_table, batch.cache_seqlens, cu_seqlens_q=batch.cu_seqlens_q,
+                                   softmax_scale=scale, causal=True, window_size=window_size, return_lse=True,
+                                   metadata=batch.paged)
+        return merge_sink_part(out, lse, q_sinks, kc, vc, batch.streaming, scale)
     if batch.paged is not None:
         key = (scale, window_size)
         step = batch.decode_steps.get(key, False)

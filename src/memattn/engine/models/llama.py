@@ -43,8 +43,10 @@ class LlamaAttention(nn.Module):
         t = x.shape[0]
         qkv = linear(x, self.qkv_proj).view(t, h + 2 * hkv, d)
         qk = apply_rope(qkv[:, :h + hkv], cos, sin)  # q and k heads rotated together
+        # StreamingLLM: q once more at its cache positions, for the sinks (engine.streaming)
+        q_sinks = None if batch.streaming is None else apply_rope(qkv[:, :h], *batch.streaming.rope)
         out = paged_self_attention(qk[:, :h], qk[:, h:], qkv[:, h + hkv:], batch, cache, self.layer,
-                                   scale=self.scale, window=self.window)
+                                   scale=self.scale, window=self.window, q_sinks=q_sinks)
         return linear(out.reshape(t, h * d), self.o_proj)
 
 
@@ -110,6 +112,8 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, batch: StepBatch, cache) -> torch.Tensor:
         x = self.model.embed_tokens(batch.input_ids)
         cos, sin = rope_cos_sin(batch.positions, self.inv_freq, x.dtype)
+        if batch.streaming is not None:
+            batch.streaming.rope = rope_cos_sin(batch.streaming.sink_positions, self.inv_freq, x.dtype)
         delta = None
         for layer in self.model.layers:  # no module-call overhead (no hooks are used here)
             delta = layer.forward_fused(x, delta, cos, sin, batch, cache)
