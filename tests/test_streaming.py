@@ -208,3 +208,26 @@ def test_cli_flags():
     assert cfg.streaming_policy() == StreamingPolicy(4, 1020, 16)
     with pytest.raises(SystemExit):
         parser.parse_args(["--streaming-window", "0"])
+
+
+def test_every_row_of_chunked_prefill_matches_the_reference():
+    """benchmarks/kv_streaming.py's ``feed`` (the engine's path, all rows' logits): every position's loss under
+    sinks + window, chunks crossing the window's first fill and the sinks' cutoff, against the reference."""
+    import math
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+    from kv_streaming import feed, ppl
+
+    tokens = _prompt(70, 9)
+    for sinks, window in ((3, 11), (0, 10)):
+        llm = LLM(MODEL, dtype="float64", attention_sinks=sinks, streaming_window=window, block_size=4,
+                  num_kv_blocks=32, max_num_batched_tokens=9)
+        loss = feed(llm, tokens)
+        logp = torch.log_softmax(reference_logits(llm.model, tokens, sinks, window), -1)
+        ref = -logp[torch.arange(69), torch.tensor(tokens[1:])]
+        assert math.isnan(loss[0].item())
+        assert (loss[1:] - ref).abs().max().item() < LOGITS_RTOL, (sinks, window)
+        assert math.isclose(ppl(loss, 1, 70), math.exp(ref.mean().item()), rel_tol=1e-6)
+        assert llm.blocks.stats().used_blocks == 0
