@@ -105,6 +105,8 @@ ENGINE_FLAGS = {
     "dtype": (["--dtype", "bfloat16"], torch.bfloat16),
     "device": (["--device", "cpu"], torch.device("cpu")),
     "seed": (["--model-seed", "7"], 7),
+    "attention_sinks": (["--attention-sinks", "4"], 4),
+    "streaming_window": (["--streaming-window", "64"], 64),
 }
 
 
