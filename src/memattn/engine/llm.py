@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from ..cache import BlockManager, PagedKVCache
+from ..cache.kv_formats import bytes_per_token, kv_format
 from .config import EngineConfig, ModelConfig, SamplingParams
 from .model_runner import ModelRunner
 from .models import load_model
@@ -100,15 +101,22 @@ class LLM:
         self.tokenizer = tokenizer if tokenizer is not None else tok
         mc = self.model_config
         dtype = next(self.model.parameters()).dtype
-        per_block = 2 * mc.num_layers * c.block_size * mc.num_kv_heads * mc.head_dim * dtype.itemsize
-        num_blocks = c.num_kv_blocks or c.kv_cache_memory // per_block
+        fmt = kv_format(c.kv_cache_dtype)
+        per_block = round(bytes_per_token(fmt.name, num_layers=mc.num_layers, kv_heads=mc.num_kv_heads,
+                                          head_dim=mc.head_dim, block_size=c.block_size, dtype=dtype) * c.block_size)
+        # KIVI: one full-precision residual block per running sequence, taken from the same budget
+        residual = c.max_num_seqs if fmt.kivi else None
+        residual_bytes = (residual or 0) * 2 * mc.num_layers * c.block_size * mc.num_kv_heads * mc.head_dim * 4
+        num_blocks = c.num_kv_blocks or (c.kv_cache_memory - residual_bytes) // per_block
         if num_blocks < 1:
-            raise ValueError(f"kv_cache_memory {c.kv_cache_memory} bytes holds no block ({per_block} bytes each)")
+            raise ValueError(f"kv_cache_memory {c.kv_cache_memory} bytes holds no block ({per_block} bytes each"
+                             + (f", after {residual_bytes} bytes of residual blocks)" if residual else ")"))
         self.max_model_len = min(mc.max_position_embeddings, c.max_model_len or mc.max_position_embeddings)
         self.blocks = BlockManager(num_blocks, c.block_size, enable_prefix_caching=c.enable_prefix_caching)
         swap_blocks = c.swap_space // per_block if c.preemption == "swap" else 0
         self.cache = PagedKVCache(mc.num_layers, num_blocks, c.block_size, mc.num_kv_heads, mc.head_dim,
-                                  dtype=dtype, device=c.device, swap_blocks=swap_blocks)
+                                  dtype=dtype, device=c.device, kv_dtype=fmt.name, residual_blocks=residual,
+                                  swap_blocks=swap_blocks)
         self.scheduler = Scheduler(self.config, self.blocks, self.cache)
         self.runner = ModelRunner(self.model, self.blocks, self.cache, c.device)
         self._requests: dict[int, _Request] = {}
