@@ -318,14 +318,13 @@ class PagedKVCache:
         idx, sidx = _as_index(blocks, self.kv.device), _as_index(slots, "cpu")
         for t, tier in ((self.kv, self.swap), *zip(self.meta, self.swap_meta)):
             tier[:, :, sidx] = t[:, :, idx].to("cpu", non_blocking=self.swap.is_pinned())
-        if self.format.kivi:  # partial blocks leave their residual slots with them
-            for b, s in zip(blocks, slots):
+        if self.format.kivi:  # partial blocks take a copy of their residual slots (which stay: a forked
+            for b, s in zip(blocks, slots):  # sibling may still be reading the block)
                 held = {}
                 for layer in range(self.num_layers):
                     r = int(self.residual_map[layer, b])
                     if r >= 0:
                         held[layer] = self.residual[:, layer, r].to("cpu", copy=True)
-                        self._release(layer, b)
                 if held:
                     self._swap_residual[s] = held
         if self.kv.device.type == "cuda":
