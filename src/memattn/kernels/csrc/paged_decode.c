@@ -38,13 +38,20 @@
 #ifndef PREFETCH
 #define PREFETCH 1
 #endif
+/* Tokens of a block scored (and accumulated) for every kv head before the next ones: rows of all heads are
+ * adjacent in a block, so the block streams front to back instead of one head's rows at a stride. */
+#ifndef TOKEN_CHUNK
+#define TOKEN_CHUNK 16
+#endif
 
 /* exp(x) for x <= 0 (scores minus their running max), vectorisable: 2^n * p(r), |r| <= ln2/2,
  * degree-7 Taylor polynomial (relative error ~5e-9, below float32's epsilon). -inf and x < -87 give 0. */
 static inline float exp_nonpos(float x) {
     if (!(x > -87.0f)) return 0.0f;  /* also catches -inf and NaN */
     const float log2e = 1.44269504088896341f, ln2_hi = 0.693359375f, ln2_lo = -2.12194440e-4f;
-    float n = __builtin_roundf(x * log2e);
+    /* round to nearest by the 1.5 * 2^23 trick (|x * log2e| < 2^22 here): roundf is a libm call that
+     * keeps the loops around it scalar */
+    float n = (x * log2e + 12582912.0f) - 12582912.0f;
     float r = x - n * ln2_hi - n * ln2_lo;
     float p = 1.0f / 5040.0f;
     p = p * r + 1.0f / 720.0f;
@@ -286,7 +293,7 @@ static void pick_passes(int64_t D, int dtype, scores_fn *sc, values_fn *va) {
 /* Request rows*len bytes at p, p + stride, ... (one kv head's slice of every token of a block). */
 static inline void prefetch_rows(const char *p, int64_t rows, int64_t stride, int64_t len) {
     for (int64_t t = 0; t < rows; t++)
-        for (int64_t off = 0; off < len; off += 64) __builtin_prefetch(p + t * stride + off, 0, 3);
+        for (int64_t off = 0; off < len; off += 64) __builtin_prefetch(p + t * stride + off, 0, 1);
 }
 
 typedef struct {
@@ -369,7 +376,6 @@ static void run_item(const job_t *J, int64_t item) {
         }
         for (int64_t kh = 0; kh < Hkv; kh++) {
             if (kn) prefetch_rows(kn + kh * head_bytes, bs, row_bytes, head_bytes);
-            const float *qh = qs[kh * g];
             if (quant && kivi) { /* q . (code * ks + kz) = (q * ks) . code + q . kz, per channel */
                 const _Float16 *ks = (const _Float16 *)J->ks + (p * Hkv + kh) * D;
                 const _Float16 *kz = (const _Float16 *)J->kz + (p * Hkv + kh) * D;
@@ -379,10 +385,16 @@ static void run_item(const job_t *J, int64_t item) {
                     for (int64_t d = 0; d < D; d++) { qk[r][d] = qs[r][d] * (float)ks[d]; z += qs[r][d] * (float)kz[d]; }
                     qz[r] = z;
                 }
-                qh = qk[kh * g];
             }
-            sc(qh, kb + kh * hb, Hkv * D, g, D, t0, t1, s[kh * g], bs);
-            if (quant)
+        }
+        const float(*qh)[D] = quant && kivi ? (const float(*)[D])qk : (const float(*)[D])qs;
+        /* TOKEN_CHUNK tokens of every head at a time: the block is read front to back, row after row */
+        for (int64_t ta = t0; ta < t1; ta += TOKEN_CHUNK) {
+            const int64_t tb = ta + TOKEN_CHUNK < t1 ? ta + TOKEN_CHUNK : t1;
+            for (int64_t kh = 0; kh < Hkv; kh++) sc(qh[kh * g], kb + kh * hb, Hkv * D, g, D, ta, tb, s[kh * g], bs);
+        }
+        if (quant)
+            for (int64_t kh = 0; kh < Hkv; kh++)
                 for (int64_t r = kh * g; r < (kh + 1) * g; r++) {
                     if (sym) {
                         const float *ks = (const float *)J->ks + p * bs * Hkv + kh;
@@ -391,7 +403,6 @@ static void run_item(const job_t *J, int64_t item) {
                         for (int64_t t = t0; t < t1; t++) s[r][t] += qz[r];
                     }
                 }
-        }
         for (int64_t r = 0; r < H; r++) {
             float bm = -INFINITY;
             if (softcap > 0.0f)
@@ -428,13 +439,16 @@ static void run_item(const job_t *J, int64_t item) {
                         zb[r] = z;
                     }
                 }
-            va(acc[kh * g], vb + kh * hb, Hkv * D, g, D, t0, t1, s[kh * g], bs);
-            if (quant && kivi)
-                for (int64_t r = kh * g; r < (kh + 1) * g; r++) {
-#pragma omp simd
-                    for (int64_t d = 0; d < D; d++) acc[r][d] += zb[r];
-                }
         }
+        for (int64_t ta = t0; ta < t1; ta += TOKEN_CHUNK) {
+            const int64_t tb = ta + TOKEN_CHUNK < t1 ? ta + TOKEN_CHUNK : t1;
+            for (int64_t kh = 0; kh < Hkv; kh++) va(acc[kh * g], vb + kh * hb, Hkv * D, g, D, ta, tb, s[kh * g], bs);
+        }
+        if (quant && kivi)
+            for (int64_t r = 0; r < H; r++) {
+#pragma omp simd
+                for (int64_t d = 0; d < D; d++) acc[r][d] += zb[r];
+            }
     }
     for (int64_t r = 0; r < H; r++) {
         const int64_t row = (b * H + r) * J->nsplit + split;
