@@ -97,6 +97,23 @@ def bytes_per_token(name: str, *, num_layers: int, kv_heads: int, head_dim: int,
     return num_layers * kv_format(name).bytes_per_token(kv_heads, head_dim, block_size, dtype)
 
 
+def residual_bytes(name: str, residual_blocks: int, *, num_layers: int, kv_heads: int, head_dim: int,
+                   block_size: int = 16) -> int:
+    """Bytes of a KIVI pool's float32 residual blocks (0 for the other formats)."""
+    if not kv_format(name).kivi:
+        return 0
+    return residual_blocks * 2 * num_layers * block_size * kv_heads * head_dim * 4
+
+
+def pool_blocks(name: str, budget_bytes: int, *, num_layers: int, kv_heads: int, head_dim: int, block_size: int = 16,
+                residual_blocks: int = 0, dtype=torch.float32) -> int:
+    """Blocks a KV budget of `budget_bytes` holds in format `name`, after KIVI's `residual_blocks` (what
+    ``LLM`` allocates for ``kv_cache_memory``; may be <= 0 when the budget holds none)."""
+    geometry = dict(num_layers=num_layers, kv_heads=kv_heads, head_dim=head_dim, block_size=block_size)
+    per_block = round(bytes_per_token(name, dtype=dtype, **geometry) * block_size)
+    return (budget_bytes - residual_bytes(name, residual_blocks, **geometry)) // per_block
+
+
 # ---------------------------------------------------------------- codes
 
 def pack(codes: torch.Tensor, per_byte: int) -> torch.Tensor:
@@ -212,5 +229,5 @@ class QuantizedPages:
         return out.to(dtype or self.dtype)
 
 
-__all__ = ["KVFormat", "FORMATS", "QUANTIZED", "kv_format", "bytes_per_token", "QuantizedPages", "pack", "unpack",
+__all__ = ["KVFormat", "FORMATS", "QUANTIZED", "kv_format", "bytes_per_token", "residual_bytes", "pool_blocks", "QuantizedPages", "pack", "unpack",
            "quantize_symmetric", "quantize_asymmetric", "code_values", "FP8_MAX"]

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from ..cache import BlockManager, PagedKVCache
-from ..cache.kv_formats import bytes_per_token, kv_format
+from ..cache.kv_formats import bytes_per_token, kv_format, pool_blocks, residual_bytes
 from .config import EngineConfig, ModelConfig, SamplingParams
 from .model_runner import ModelRunner
 from .models import load_model
@@ -102,15 +102,17 @@ class LLM:
         mc = self.model_config
         dtype = next(self.model.parameters()).dtype
         fmt = kv_format(c.kv_cache_dtype)
-        per_block = round(bytes_per_token(fmt.name, num_layers=mc.num_layers, kv_heads=mc.num_kv_heads,
-                                          head_dim=mc.head_dim, block_size=c.block_size, dtype=dtype) * c.block_size)
+        geometry = dict(num_layers=mc.num_layers, kv_heads=mc.num_kv_heads, head_dim=mc.head_dim,
+                        block_size=c.block_size)
+        per_block = round(bytes_per_token(fmt.name, dtype=dtype, **geometry) * c.block_size)
         # KIVI: one full-precision residual block per running sequence, taken from the same budget
         residual = c.max_num_seqs if fmt.kivi else None
-        residual_bytes = (residual or 0) * 2 * mc.num_layers * c.block_size * mc.num_kv_heads * mc.head_dim * 4
-        num_blocks = c.num_kv_blocks or (c.kv_cache_memory - residual_bytes) // per_block
+        num_blocks = c.num_kv_blocks or pool_blocks(fmt.name, c.kv_cache_memory, residual_blocks=residual or 0,
+                                                    dtype=dtype, **geometry)
         if num_blocks < 1:
+            extra = residual_bytes(fmt.name, residual or 0, **geometry)
             raise ValueError(f"kv_cache_memory {c.kv_cache_memory} bytes holds no block ({per_block} bytes each"
-                             + (f", after {residual_bytes} bytes of residual blocks)" if residual else ")"))
+                             + (f", after {extra} bytes of residual blocks)" if extra else ")"))
         self.max_model_len = min(mc.max_position_embeddings, c.max_model_len or mc.max_position_embeddings)
         self.blocks = BlockManager(num_blocks, c.block_size, enable_prefix_caching=c.enable_prefix_caching)
         swap_blocks = c.swap_space // per_block if c.preemption == "swap" else 0

@@ -103,6 +103,33 @@ static inline v8 load8_bf16(const uint16_t *p) {
     return r;
 }
 static inline v8 load8_f16(const _Float16 *p) { return __builtin_convertvector(*(const h8 *)p, v8); }
+#if defined(__AVX2__) && defined(__F16C__)
+/* GCC 12 turns the narrow-integer vector conversions below into one scalar conversion per lane: intrinsics */
+#include <immintrin.h>
+static inline v8 load8_i8(const int8_t *p) {
+    return (v8)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
+}
+static inline v8 load8_e4m3(const uint8_t *p) {
+    __m128i b = _mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i *)p));
+    __m128i bits = _mm_or_si128(_mm_slli_epi16(_mm_and_si128(b, _mm_set1_epi16(0x7F)), 7),
+                                _mm_slli_epi16(_mm_and_si128(b, _mm_set1_epi16(0x80)), 8));
+    return (v8)_mm256_cvtph_ps(bits);
+}
+static inline v8 load_packed8(const uint8_t *p, int nbytes, __m128i spread, __m256i shifts, int mask) {
+    int32_t word = 0;
+    memcpy(&word, p, (size_t)nbytes);
+    __m256i w = _mm256_cvtepu8_epi32(_mm_shuffle_epi8(_mm_cvtsi32_si128(word), spread));
+    return (v8)_mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(w, shifts), _mm256_set1_epi32(mask)));
+}
+static inline v8 load8_u4(const uint8_t *p) {
+    return load_packed8(p, 4, _mm_setr_epi8(0, 0, 1, 1, 2, 2, 3, 3, 0, 0, 0, 0, 0, 0, 0, 0),
+                        _mm256_setr_epi32(0, 4, 0, 4, 0, 4, 0, 4), 15);
+}
+static inline v8 load8_u2(const uint8_t *p) {
+    return load_packed8(p, 2, _mm_setr_epi8(0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0),
+                        _mm256_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6), 3);
+}
+#else
 static inline v8 load8_i8(const int8_t *p) { return __builtin_convertvector(*(const i8x8 *)p, v8); }
 static inline v8 load8_e4m3(const uint8_t *p) {
     u16x8 b = __builtin_convertvector(*(const u8x8 *)p, u16x8);
@@ -123,6 +150,7 @@ static inline v8 load8_u2(const uint8_t *p) {
     w = (w >> (i32x8){0, 2, 4, 6, 0, 2, 4, 6}) & 3;
     return __builtin_convertvector(w, v8);
 }
+#endif
 static inline float load1_f32(const float *p, int64_t i) { return p[i]; }
 static inline float load1_bf16(const uint16_t *p, int64_t i) {
     uint32_t w = (uint32_t)p[i] << 16;
