@@ -324,6 +324,10 @@ static inline void prefetch_rows(const char *p, int64_t rows, int64_t stride, in
         for (int64_t off = 0; off < len; off += 64) __builtin_prefetch(p + t * stride + off, 0, 1);
 }
 
+static inline void prefetch_bytes(const void *p, int64_t len) {
+    for (int64_t off = 0; off < len; off += 64) __builtin_prefetch((const char *)p + off, 0, 3);
+}
+
 typedef struct {
     const float *q, *slopes;
     const char *kc, *vc; /* the pools, elements of DT_BITS[dtype] bits */
@@ -388,6 +392,17 @@ static void run_item(const job_t *J, int64_t item) {
             const int64_t pn = J->table[b * J->table_width + j + PREFETCH];
             kn = J->kc + pn * block_bytes;
             vn = J->vc + pn * block_bytes;
+            /* a quantized block's scales (and zero points) live apart from its codes: a miss of their own */
+            if (sym) {
+                prefetch_bytes((const float *)J->ks + pn * bs * Hkv, bs * Hkv * 4);
+                prefetch_bytes((const float *)J->vs + pn * bs * Hkv, bs * Hkv * 4);
+            } else if (kivi) {
+                prefetch_bytes((const _Float16 *)J->ks + pn * Hkv * D, Hkv * D * 2);
+                prefetch_bytes((const _Float16 *)J->kz + pn * Hkv * D, Hkv * D * 2);
+                prefetch_bytes((const _Float16 *)J->vs + pn * bs * Hkv, bs * Hkv * 2);
+                prefetch_bytes((const _Float16 *)J->vz + pn * bs * Hkv, bs * Hkv * 2);
+                if (J->rmap) __builtin_prefetch(J->rmap + pn, 0, 3);
+            }
         }
         int64_t t0 = start - j * bs, t1 = len - j * bs;
         if (t0 < 0) t0 = 0;
