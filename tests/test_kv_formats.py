@@ -95,12 +95,18 @@ def test_kivi_residual_window():
 def test_kivi_residual_pool_full_evicts_least_recent():
     _seed()
     cache = PagedKVCache(1, 8, 4, 1, 8, kv_dtype="int2", residual_blocks=2)
+    written = []
     for b in (0, 1, 2):  # three partial blocks, two residual slots: block 0 (written first) is quantized early
         k, v = _kv(2, 1, 8)
         cache.write(torch.tensor([4 * b, 4 * b + 1]), k, v)
+        written.append(k)
     held = cache.residual_map[0, :3] >= 0
     assert held.tolist() == [False, True, True]
-    assert cache.key_cache(0).dequantize()[0, 2:].abs().max() == 0  # quantized with its unwritten slots (zeros)
+    # block 0 went to codes with its two unwritten (zero) slots among the per-channel statistics
+    block = torch.cat([written[0], torch.zeros(2, 1, 8)])
+    err = (cache.key_cache(0).dequantize()[0, :2] - written[0]).abs()
+    assert bool((err <= _bound("int2", block, 0)[:2]).all())
+    assert torch.equal(cache.key_cache(0).dequantize()[1, :2], written[1])  # still at full precision
     with pytest.raises(RuntimeError, match="residual pool"):  # one write with more partial blocks than slots
         cache.write(torch.tensor([20, 24, 28]), *_kv(3, 1, 8))
 
