@@ -103,6 +103,7 @@ ENGINE_FLAGS = {
     "preemption": (["--preemption", "swap"], "swap"),
     "swap_space": (["--swap-space", "2GiB"], 2 << 30),
     "dtype": (["--dtype", "bfloat16"], torch.bfloat16),
+    "kv_cache_dtype": (["--kv-cache-dtype", "int8"], "int8"),
     "device": (["--device", "cpu"], torch.device("cpu")),
     "seed": (["--model-seed", "7"], 7),
     "attention_sinks": (["--attention-sinks", "4"], 4),

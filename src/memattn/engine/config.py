@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..cache.kv_formats import FORMATS as KV_FORMATS
+
 ARCHS = ("llama", "gpt2")
 PREEMPTION = ("recompute", "swap")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
@@ -116,6 +118,8 @@ class EngineConfig:
     (free and re-prefill) or "swap" (copy blocks to a host tier of swap_space bytes).
     dtype: of the weights and the KV pool, a torch dtype or its name (float32, bfloat16, float16, float64);
     after validation always a torch dtype. A model object given to ``LLM`` keeps its own dtype.
+    kv_cache_dtype: how the KV pool stores keys and values (``memattn.cache.kv_formats``): "auto" (the
+    model's dtype), "int8" / "fp8_e4m3" (a float32 scale per token and kv head), "int4" / "int2" (KIVI).
     device: of the model and the pool ("cpu", "cuda:0", ...), a torch.device after validation.
     seed: of the random weights of a preset, HF config dict or ModelConfig (a checkpoint ignores it).
     attention_sinks, streaming_window: StreamingLLM (``engine.streaming``): with a window W, every query
@@ -137,6 +141,8 @@ class EngineConfig:
                               choices=PREEMPTION)
     swap_space: int = _option(256 << 20, "host tier for --preemption swap", unit="bytes")
     dtype: torch.dtype = _option(torch.float32, "dtype of the weights and the KV pool", choices=tuple(DTYPES))
+    kv_cache_dtype: str = _option("auto", "KV pool storage: the model's dtype, or quantized with scales",
+                                  choices=tuple(KV_FORMATS))
     device: torch.device = _option(torch.device("cpu"), "device of the model and the KV pool")
     seed: int = _option(0, "seed of random weights (presets, configs; a checkpoint ignores it)",
                         flag="--model-seed")
@@ -157,6 +163,8 @@ class EngineConfig:
         if self.preemption not in PREEMPTION:
             raise ValueError(f"preemption must be one of {PREEMPTION}, got {self.preemption!r}")
         object.__setattr__(self, "dtype", _dtype(self.dtype))
+        if not isinstance(self.kv_cache_dtype, str) or self.kv_cache_dtype not in KV_FORMATS:
+            raise ValueError(f"kv_cache_dtype must be one of {list(KV_FORMATS)}, got {self.kv_cache_dtype!r}")
         object.__setattr__(self, "device", _device(self.device))
 
     def streaming_policy(self):

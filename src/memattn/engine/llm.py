@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from ..cache import BlockManager, PagedKVCache
+from ..cache.kv_formats import bytes_per_token, kv_format, pool_blocks, residual_bytes
 from .config import EngineConfig, ModelConfig, SamplingParams
 from .model_runner import ModelRunner
 from .models import load_model
@@ -101,10 +102,18 @@ class LLM:
         self.tokenizer = tokenizer if tokenizer is not None else tok
         mc = self.model_config
         dtype = next(self.model.parameters()).dtype
-        per_block = 2 * mc.num_layers * c.block_size * mc.num_kv_heads * mc.head_dim * dtype.itemsize
-        num_blocks = c.num_kv_blocks or c.kv_cache_memory // per_block
+        fmt = kv_format(c.kv_cache_dtype)
+        geometry = dict(num_layers=mc.num_layers, kv_heads=mc.num_kv_heads, head_dim=mc.head_dim,
+                        block_size=c.block_size)
+        per_block = round(bytes_per_token(fmt.name, dtype=dtype, **geometry) * c.block_size)
+        # KIVI: one full-precision residual block per running sequence, taken from the same budget
+        residual = c.max_num_seqs if fmt.kivi else None
+        num_blocks = c.num_kv_blocks or pool_blocks(fmt.name, c.kv_cache_memory, residual_blocks=residual or 0,
+                                                    dtype=dtype, **geometry)
         if num_blocks < 1:
-            raise ValueError(f"kv_cache_memory {c.kv_cache_memory} bytes holds no block ({per_block} bytes each)")
+            extra = residual_bytes(fmt.name, residual or 0, **geometry)
+            raise ValueError(f"kv_cache_memory {c.kv_cache_memory} bytes holds no block ({per_block} bytes each"
+                             + (f", after {extra} bytes of residual blocks)" if extra else ")"))
         self.max_model_len = min(mc.max_position_embeddings, c.max_model_len or mc.max_position_embeddings)
         self.streaming = policy = c.streaming_policy()
         if policy is not None:
@@ -113,7 +122,8 @@ class LLM:
                                    enable_prefix_caching=c.enable_prefix_caching and policy is None)
         swap_blocks = c.swap_space // per_block if c.preemption == "swap" else 0
         self.cache = PagedKVCache(mc.num_layers, num_blocks, c.block_size, mc.num_kv_heads, mc.head_dim,
-                                  dtype=dtype, device=c.device, swap_blocks=swap_blocks)
+                                  dtype=dtype, device=c.device, kv_dtype=fmt.name, residual_blocks=residual,
+                                  swap_blocks=swap_blocks)
         self.scheduler = Scheduler(self.config, self.blocks, self.cache)
         self.runner = ModelRunner(self.model, self.blocks, self.cache, c.device, streaming=policy)
         self._requests: dict[int, _Request] = {}

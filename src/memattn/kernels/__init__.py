@@ -33,9 +33,8 @@ from . import cpu_flash, torch_tiles
 from .torch_tiles import compute_dtype
 
 ALL_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-# The KV storage formats a decode kernel may read. Full width today; the quantized formats
-# (int8 / fp8 with scales, KIVI 4/2-bit with scales, zero points and a full-precision residual
-# block) are declared by the kernels that learn to read them.
+# The KV storage formats a decode kernel may read: full width, or a quantized format of
+# ``memattn.cache.kv_formats`` (its name), declared by each kernel that reads it in place.
 FULL_WIDTH = "full"
 
 
@@ -170,7 +169,8 @@ def _native_decode():
 
 
 NATIVE_DECODE = DecodeKernel("native", (torch.float32, torch.bfloat16, torch.float16), ("cpu",), _native_decode,
-                             alibi=True, softcap=True, probe=_native_refusal)
+                             kv_formats=(FULL_WIDTH, "int8", "fp8_e4m3", "int4", "int2"), alibi=True, softcap=True,
+                             probe=_native_refusal)
 POOL_DECODE = DecodeKernel("pool", ALL_FLOATS, ("cpu",), _pool_decode, probe=_cpu_flash_refusal)
 TRITON_DECODE = DecodeKernel("triton", (torch.float16, torch.bfloat16, torch.float32), ("cuda", "cpu"),
                              _triton_decode, alibi=True, softcap=True, probe=_triton_refusal)

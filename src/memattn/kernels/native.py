@@ -93,6 +93,10 @@ def library():
     p, i64, f32, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
     f.argtypes = [i32, p, p, p, p, i64, p, p, i64, i64, i64, i64, i64, f32, f32, p, i64, i64, p, p, i32]
     f.restype = ctypes.c_int
+    f = lib.paged_decode_quant
+    f.argtypes = [i32, p, p, p, p, p, p, p, p, p, p, p, i64, p, p, i64, i64, i64, i64, i64, f32, f32, p, i64, i64,
+                  p, p, i32]
+    f.restype = ctypes.c_int
     f = lib.gemv
     f.argtypes = [i32, i32, p, i64, p, i64, i64, p, p, i32]
     f.restype = ctypes.c_int

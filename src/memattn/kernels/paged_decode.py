@@ -10,7 +10,9 @@ block table. ``"native"`` (``paged_native``), ``"pool"`` (``paged_pool``) and ``
 - q: (B, H, D), one query per sequence.
 - key_cache, value_cache: (num_blocks, block_size, Hkv, D), H % Hkv == 0 (query head h reads kv
   head h // (H // Hkv)); sequence b's token j lives at ``block_table[b, j // block_size]``,
-  offset ``j % block_size``.
+  offset ``j % block_size``. A kernel whose record lists quantized ``kv_formats`` also takes the
+  ``memattn.cache.kv_formats.QuantizedPages`` of a quantized pool here (codes, scales, zero points
+  and KIVI's residual blocks in one object, of that same shape) and reads it in place.
 - block_table: int32 (B, max_blocks). Entries of blocks holding no visible token are never read.
 - ranges: int64 (B, R, 2) on q's device, ``[start, end)`` token ranges each sequence attends to,
   disjoint and ascending (``visible_ranges`` builds them). R = 1 today (a sliding window, or the
@@ -21,10 +23,7 @@ block table. ``"native"`` (``paged_native``), ``"pool"`` (``paged_pool``) and ``
   last visible token is the query's own). Only ALiBi reads it.
 - sinks: float32 (H,) or None (next issue): one learnable logit per head that joins the softmax
   denominator and holds no value (``lse`` includes it; ``out`` is scaled by 1 - its share).
-- kv_scales: None for a full-width cache. For int8 / fp8 caches (next issue) a pair
-  ``(key_scale, value_scale)`` of float32 (num_blocks, block_size, Hkv): one scale per
-  (token, kv head), dequantised value = stored * scale. KIVI 4/2-bit caches will pass their
-  cache-format object here (group scales, zero points and the full-precision residual block).
+- kv_scales: reserved, always None: a quantized cache's scales travel inside its ``QuantizedPages``.
 
 Returns ``out`` (B, H, D) and ``lse`` (B, H), natural log, in the compute dtype of q
 (``torch_tiles.compute_dtype``). A sequence without a visible key gets out 0 and lse -inf.

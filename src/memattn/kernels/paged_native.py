@@ -9,6 +9,10 @@ contiguous run) front to back once, so GQA reads every key once. Long contexts a
 blocks processed by different threads and merged by log-sum-exp (flash-decoding), so a batch of one still
 uses every core. Half-precision caches are widened to float32 as they are read (half the bytes to stream).
 
+Quantized pools (``QuantizedPages``: int8, fp8 e4m3, KIVI int4 / int2) are read in place too: codes widened
+in registers, scales applied to whole dot products and softmax weights (the C file's header has the algebra),
+KIVI's full-precision residual blocks read where the residual map names them. No full-width copy is made.
+
 Follows the ``paged_decode`` contract. Covers one visible range per sequence (causal/non-causal,
 sliding windows), ALiBi and softcap. float64 and other devices use ``paged_pool`` / the gather schedule.
 """
@@ -27,6 +31,19 @@ ITEMS_PER_THREAD = 4
 
 # The cache element types the kernel reads (its dtype code); arithmetic is float32 for all of them.
 DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+# The quantized formats it reads in place (kv_formats names -> the C kernel's dtype codes).
+KV_FORMATS = {"int8": 3, "fp8_e4m3": 4, "int4": 5, "int2": 6}
+
+
+def _pointers(key_cache, value_cache):
+    """(dtype code, the ten pool pointers paged_decode_quant takes, tensors to keep alive) of a cache pair."""
+    if isinstance(key_cache, torch.Tensor):
+        kc, vc = key_cache.contiguous(), value_cache.contiguous()  # views of a pool are already contiguous
+        return DTYPES[key_cache.dtype], (kc.data_ptr(), vc.data_ptr()) + (None,) * 7, (kc, vc)
+    parts = [key_cache.codes, value_cache.codes, key_cache.scale, key_cache.zero, value_cache.scale,
+             value_cache.zero, key_cache.residual, value_cache.residual, key_cache.residual_map]
+    parts = [None if t is None else t.contiguous() for t in parts]
+    return KV_FORMATS[key_cache.format.name], tuple(None if t is None else t.data_ptr() for t in parts), parts
 
 
 def _splits(b: int, max_blocks: int, bs: int, threads: int) -> tuple[int, int]:
@@ -51,13 +68,13 @@ def decode(q, key_cache, value_cache, block_table, ranges, *, scale, softcap=0.0
     threads = torch.get_num_threads()
     nsplit, per = _splits(b, max_blocks, bs, threads)
     qc = q.to(torch.float32).contiguous()
-    kc, vc = key_cache.contiguous(), value_cache.contiguous()  # views of a pool are already contiguous
+    code, pools, _alive = _pointers(key_cache, value_cache)
     table = block_table.to(torch.int32).contiguous()
     slopes = alibi_slopes.to(torch.float32).contiguous() if alibi_slopes is not None else None
     out = torch.empty((b, h, d), dtype=torch.float32)
     lse = torch.empty((b, h), dtype=torch.float32)
-    rc = native.library().paged_decode(
-        DTYPES[key_cache.dtype], qc.data_ptr(), kc.data_ptr(), vc.data_ptr(), table.data_ptr(), table.shape[1],
+    rc = native.library().paged_decode_quant(
+        code, qc.data_ptr(), *pools, table.data_ptr(), table.shape[1],
         lens.data_ptr(), starts.data_ptr(), b, h, hkv, d, bs, scale, float(softcap),
         slopes.data_ptr() if slopes is not None else None, nsplit, per, out.data_ptr(), lse.data_ptr(), threads)
     if rc != 0:

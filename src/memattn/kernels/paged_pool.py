@@ -108,6 +108,8 @@ def decode(q, key_cache, value_cache, block_table, ranges, *, scale, softcap=0.0
     """The ``paged_decode`` contract (see the module docstring for the schedule); no softcap or ALiBi
     (its record says so). q (B, H, D) -> out (B, H, D), lse (B, H) in the compute dtype."""
     require_plain("pool", ranges, sinks, kv_scales)
+    if not isinstance(key_cache, torch.Tensor):
+        raise ValueError("the pool decode kernel reads full-width caches only (its record lists no KV format)")
     if softcap or alibi_slopes is not None:
         raise ValueError("the pool decode kernel has no softcap or ALiBi (the fused CPU kernel has neither)")
     nblocks, bs, hkv, d = key_cache.shape

@@ -29,6 +29,7 @@ import dataclasses
 import torch
 
 from .. import kernels
+from ..cache.kv_formats import QuantizedPages
 from ..kernels.merge import merge_partials
 from ..reference import paged_attention as paged_attention_reference
 from .._validate import check_sinks
@@ -133,11 +134,24 @@ def _decode(q, key_cache, value_cache, block_table, ranges, spec, slopes, backen
     The decode kernel the records choose (``kernels.choose_decode``: the native C kernel, the tile
     backend's own), else ``_decode_gather`` over the tile backend."""
     kernel = kernels.choose_decode(q, key_cache.dtype, backend, alibi=slopes is not None, softcap=spec.softcap,
-                                   ranges=ranges.shape[1])
+                                   ranges=ranges.shape[1], kv_format=kv_format_of(key_cache))
     args = dict(scale=spec.scale, softcap=spec.softcap, alibi_slopes=slopes)
     if kernel is not None:
         return kernel.load()(q, key_cache, value_cache, block_table, ranges, **args)
     return _decode_gather(q, key_cache, value_cache, block_table, ranges, tiles=backend.tiles, **args)
+
+
+def kv_format_of(cache) -> str:
+    """The decode records' name for a cache's storage format: ``kernels.FULL_WIDTH`` for a tensor."""
+    return cache.format.name if isinstance(cache, QuantizedPages) else kernels.FULL_WIDTH
+
+
+def _select_blocks(cache, ids, out) -> None:
+    """out (n, bs, Hkv, D) = blocks `ids` of a full-width cache (copied) or of quantized pages (dequantized)."""
+    if isinstance(cache, torch.Tensor):
+        torch.index_select(cache, 0, ids, out=out)
+    else:
+        out.copy_(cache.index_select(0, ids))
 
 
 def _decode_gather(q, key_cache, value_cache, block_table, ranges, *, scale, softcap, alibi_slopes, tiles):
@@ -154,7 +168,7 @@ def _decode_gather(q, key_cache, value_cache, block_table, ranges, *, scale, sof
     start, lens = ranges[:, 0, 0], ranges[:, 0, 1]
     first, end = start // bs, (lens + bs - 1) // bs  # logical blocks [first, end)
     steps_blocks = int((end - first).max())
-    block_bytes = bs * hkv * d * key_cache.element_size()
+    block_bytes = bs * hkv * d * torch.finfo(key_cache.dtype).bits // 8  # of the (dequantized) scratch
     c = max(1, min(steps_blocks, DECODE_SCRATCH_BYTES // (b * block_bytes)))
     k_scr = torch.empty((b * c, bs, hkv, d), dtype=key_cache.dtype, device=dev)
     v_scr = torch.empty_like(k_scr)
@@ -172,8 +186,8 @@ def _decode_gather(q, key_cache, value_cache, block_table, ranges, *, scale, sof
     slopes = None if alibi_slopes is None else alibi_slopes.reshape(b, hkv, g, 1)
     outs, lses = [], []
     for s in range(n_steps):
-        torch.index_select(key_cache, 0, ids[s].view(-1), out=k_scr)
-        torch.index_select(value_cache, 0, ids[s].view(-1), out=v_scr)
+        _select_blocks(key_cache, ids[s].view(-1), k_scr)
+        _select_blocks(value_cache, ids[s].view(-1), v_scr)
         mask = bias = None
         if needs_mask[s] or slopes is not None:
             pos = (cols[:, s * c:(s + 1) * c].unsqueeze(2) * bs + tok).view(b, c * bs)  # logical token positions
@@ -198,7 +212,10 @@ def paged_attention(q, key_cache, value_cache, block_table, cache_seqlens, *, cu
         q: (batch, seqlen_q, heads, head_dim), or packed (total_q, heads, head_dim) with ``cu_seqlens_q``.
             Decode is seqlen_q = 1.
         key_cache, value_cache: (num_blocks, block_size, kv_heads, head_dim), q's dtype and device;
-            heads % kv_heads == 0 (query head h reads kv head h // (heads // kv_heads)).
+            heads % kv_heads == 0 (query head h reads kv head h // (heads // kv_heads)). Or the
+            ``QuantizedPages`` of a quantized pool (``PagedKVCache(..., kv_dtype="int8")``'s
+            ``key_cache(layer)``, ``value_cache(layer)``), read in place by the native decode kernel and
+            dequantized per gathered tile elsewhere.
         block_table: int32 (batch, max_blocks): sequence b's logical block i is physical block
             ``block_table[b, i]``. Entries past a sequence's context are never read.
         cache_seqlens: int32 (batch,): tokens of each sequence in the cache, **including the new
@@ -269,7 +286,8 @@ def paged_decode_step(q, key_cache, value_cache, metadata: PagedMetadata, *, sof
     batch = _prepare(q, key_cache, value_cache, None, None, None, softmax_scale, True, window_size, None, 0.0,
                      metadata)
     spec, qp, md = batch.spec, batch.q, batch.md
-    if not md.decode or md.decode_q_rows is not None or spec.alibi_slopes is not None or spec.softcap:
+    if not md.decode or md.decode_q_rows is not None or spec.alibi_slopes is not None or spec.softcap \
+            or not isinstance(key_cache, torch.Tensor):
         return None
     backend = kernels.choose(qp, softcap=spec.softcap)
     ranges = md.decode_ranges(spec.mask.left if spec.mask is not None else -1)

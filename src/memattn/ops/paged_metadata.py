@@ -11,6 +11,7 @@ import dataclasses
 import torch
 
 from .._validate import FLOAT_DTYPES, check_int32
+from ..cache.kv_formats import QuantizedPages
 from ..kernels.paged_decode import visible_ranges
 
 
@@ -127,9 +128,16 @@ def paged_metadata(block_table, cache_seqlens, cu_seqlens_q=None, *, num_blocks:
 
 def check_call(q, key_cache, value_cache, packed: bool):
     """What every call checks: tensor types, dtypes, devices, head sizes of q and the caches."""
-    for name, t in (("q", q), ("key_cache", key_cache), ("value_cache", value_cache)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not isinstance(q, torch.Tensor):
+        raise TypeError(f"q must be a torch.Tensor, got {type(q).__name__}")
+    for name, t in (("key_cache", key_cache), ("value_cache", value_cache)):
+        if not isinstance(t, (torch.Tensor, QuantizedPages)):
+            raise TypeError(f"{name} must be a torch.Tensor or a QuantizedPages, got {type(t).__name__}")
+    if isinstance(key_cache, QuantizedPages) or isinstance(value_cache, QuantizedPages):
+        if not (isinstance(key_cache, QuantizedPages) and isinstance(value_cache, QuantizedPages)
+                and key_cache.format == value_cache.format and (key_cache.side, value_cache.side) == ("k", "v")):
+            raise TypeError("key_cache and value_cache must be the keys and values of one quantized pool "
+                            "(PagedKVCache.key_cache(layer), .value_cache(layer)), or both tensors")
     if q.dtype not in FLOAT_DTYPES:
         raise TypeError(f"q dtype must be one of float16/bfloat16/float32/float64, got {q.dtype}")
     want = 3 if packed else 4

@@ -7,12 +7,22 @@
  *
  * Layouts (all contiguous, row-major):
  *   q      (B, H, D)             query of each sequence
- *   kc, vc (N, bs, Hkv, D)       the block pool, float32 / bfloat16 / float16
+ *   kc, vc (N, bs, Hkv, D)       the block pool, float32 / bfloat16 / float16, or quantized codes (below)
  *   table  (B, table_width)      int32 physical block ids
  *   lens   (B,) int64            visible keys of sequence b are [starts[b], lens[b])
  *   slopes (B, H) or NULL        ALiBi: score += -slope * (lens[b] - 1 - j)
  *   out    (B, H, D), lse (B, H) float32; a sequence that sees no key gets out 0, lse -inf
  * Query head h reads kv head h / (H / Hkv).
+ *
+ * Quantized pools (memattn/cache/kv_formats.py) are read in place, each code widened to float32 in registers
+ * as it is loaded; the scales never touch the codes' arithmetic, they scale whole dot products and weights:
+ *   int8 / fp8 e4m3: codes (N, bs, Hkv, D), float32 scales ks, vs (N, bs, Hkv): k = code * ks[token, head], so
+ *     score = (q . code) * ks, and a value row enters the accumulator with weight p * vs.
+ *   KIVI int4 / int2: codes packed 2 / 4 per byte (N, bs, Hkv, D / P); keys per channel, float16 ks, kz
+ *     (N, Hkv, D): q . k = (q * ks) . code + q . kz (the scaled query made once per block and head); values per
+ *     token, float16 vs, vz (N, bs, Hkv): sum_t p_t v_t = sum_t (p_t vs_t) code_t + sum_t p_t vz_t.
+ *     Block p is held at full precision in the float32 residual pools rk, rv (R, bs, Hkv, D) at slot
+ *     rmap[p] while rmap[p] >= 0 (a sequence's last, partial block: KIVI's residual window).
  *
  * Work: items are (sequence, split); a split is a run of blocks of one sequence, so a few long
  * sequences still keep every thread busy (flash-decoding). Each item writes a partial (m, l, acc); a
@@ -28,13 +38,21 @@
 #ifndef PREFETCH
 #define PREFETCH 1
 #endif
+/* Tokens of a block scored (and accumulated) for every kv head before the next ones. Smaller chunks stream a
+ * block front to back instead of one head's rows at a stride, but measured slower on an AMD EPYC (4: 0.7x of
+ * 16) once the next block is prefetched into L2; 16 = a whole default block per head. */
+#ifndef TOKEN_CHUNK
+#define TOKEN_CHUNK 16
+#endif
 
 /* exp(x) for x <= 0 (scores minus their running max), vectorisable: 2^n * p(r), |r| <= ln2/2,
  * degree-7 Taylor polynomial (relative error ~5e-9, below float32's epsilon). -inf and x < -87 give 0. */
 static inline float exp_nonpos(float x) {
     if (!(x > -87.0f)) return 0.0f;  /* also catches -inf and NaN */
     const float log2e = 1.44269504088896341f, ln2_hi = 0.693359375f, ln2_lo = -2.12194440e-4f;
-    float n = __builtin_roundf(x * log2e);
+    /* round to nearest by the 1.5 * 2^23 trick (|x * log2e| < 2^22 here): roundf is a libm call that
+     * keeps the loops around it scalar */
+    float n = (x * log2e + 12582912.0f) - 12582912.0f;
     float r = x - n * ln2_hi - n * ln2_lo;
     float p = 1.0f / 5040.0f;
     p = p * r + 1.0f / 720.0f;
@@ -58,7 +76,26 @@ typedef uint16_t u16x8 __attribute__((vector_size(16), aligned(2)));
 typedef uint32_t u32x8 __attribute__((vector_size(32)));
 typedef _Float16 h8 __attribute__((vector_size(16), aligned(2)));
 
-/* Eight or one cache elements as float32: float32 as is, bfloat16 by a 16-bit shift, float16 by conversion. */
+/* Eight or one cache elements as float32: float32 as is, bfloat16 by a 16-bit shift, float16 by conversion,
+ * int8 by conversion, fp8 e4m3 through float16, KIVI's packed codes by shifts and masks. IDX_T(i) is the offset,
+ * in stored elements of type T, of element i (packed types hold 2 or 4 codes per byte; vector loads start at
+ * multiples of 8). */
+#define IDX_f32(i) (i)
+#define IDX_bf16(i) (i)
+#define IDX_f16(i) (i)
+#define IDX_i8(i) (i)
+#define IDX_e4m3(i) (i)
+#define IDX_u4(i) ((i) >> 1)
+#define IDX_u2(i) ((i) >> 2)
+typedef int8_t i8x8 __attribute__((vector_size(8), aligned(1)));
+typedef uint8_t u8x8 __attribute__((vector_size(8), aligned(1)));
+typedef uint8_t u8x4 __attribute__((vector_size(4), aligned(1)));
+typedef uint8_t u8x2 __attribute__((vector_size(2), aligned(1)));
+typedef int32_t i32x8 __attribute__((vector_size(32)));
+/* The fp8 e4m3 bit pattern moved into float16's (sign, exponent, mantissa) places is its value / 256
+ * (exponent bias 15 instead of 7; subnormals map to subnormals). The 256 is folded into the scale. */
+#define E4M3_UNIT 256.0f
+
 static inline v8 load8_f32(const float *p) { return *(const v8 *)p; }
 static inline v8 load8_bf16(const uint16_t *p) {
     u32x8 w = __builtin_convertvector(*(const u16x8 *)p, u32x8) << 16;
@@ -67,14 +104,71 @@ static inline v8 load8_bf16(const uint16_t *p) {
     return r;
 }
 static inline v8 load8_f16(const _Float16 *p) { return __builtin_convertvector(*(const h8 *)p, v8); }
-static inline float load1_f32(const float *p) { return *p; }
-static inline float load1_bf16(const uint16_t *p) {
-    uint32_t w = (uint32_t)*p << 16;
+#if defined(__AVX2__) && defined(__F16C__)
+/* GCC 12 turns the narrow-integer vector conversions below into one scalar conversion per lane: intrinsics */
+#include <immintrin.h>
+static inline v8 load8_i8(const int8_t *p) {
+    return (v8)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
+}
+static inline v8 load8_e4m3(const uint8_t *p) {
+    __m128i b = _mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i *)p));
+    __m128i bits = _mm_or_si128(_mm_slli_epi16(_mm_and_si128(b, _mm_set1_epi16(0x7F)), 7),
+                                _mm_slli_epi16(_mm_and_si128(b, _mm_set1_epi16(0x80)), 8));
+    return (v8)_mm256_cvtph_ps(bits);
+}
+static inline v8 load_packed8(const uint8_t *p, int nbytes, __m128i spread, __m256i shifts, int mask) {
+    int32_t word = 0;
+    memcpy(&word, p, (size_t)nbytes);
+    __m256i w = _mm256_cvtepu8_epi32(_mm_shuffle_epi8(_mm_cvtsi32_si128(word), spread));
+    return (v8)_mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(w, shifts), _mm256_set1_epi32(mask)));
+}
+static inline v8 load8_u4(const uint8_t *p) {
+    return load_packed8(p, 4, _mm_setr_epi8(0, 0, 1, 1, 2, 2, 3, 3, 0, 0, 0, 0, 0, 0, 0, 0),
+                        _mm256_setr_epi32(0, 4, 0, 4, 0, 4, 0, 4), 15);
+}
+static inline v8 load8_u2(const uint8_t *p) {
+    return load_packed8(p, 2, _mm_setr_epi8(0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0),
+                        _mm256_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6), 3);
+}
+#else
+static inline v8 load8_i8(const int8_t *p) { return __builtin_convertvector(*(const i8x8 *)p, v8); }
+static inline v8 load8_e4m3(const uint8_t *p) {
+    u16x8 b = __builtin_convertvector(*(const u8x8 *)p, u16x8);
+    u16x8 bits = ((b & 0x7F) << 7) | ((b & 0x80) << 8);
+    h8 h;
+    memcpy(&h, &bits, sizeof h);
+    return __builtin_convertvector(h, v8);
+}
+static inline v8 load8_u4(const uint8_t *p) {
+    u8x4 b = *(const u8x4 *)p;
+    i32x8 w = __builtin_convertvector(__builtin_shufflevector(b, b, 0, 0, 1, 1, 2, 2, 3, 3), i32x8);
+    w = (w >> (i32x8){0, 4, 0, 4, 0, 4, 0, 4}) & 15;
+    return __builtin_convertvector(w, v8);
+}
+static inline v8 load8_u2(const uint8_t *p) {
+    u8x2 b = *(const u8x2 *)p;
+    i32x8 w = __builtin_convertvector(__builtin_shufflevector(b, b, 0, 0, 0, 0, 1, 1, 1, 1), i32x8);
+    w = (w >> (i32x8){0, 2, 4, 6, 0, 2, 4, 6}) & 3;
+    return __builtin_convertvector(w, v8);
+}
+#endif
+static inline float load1_f32(const float *p, int64_t i) { return p[i]; }
+static inline float load1_bf16(const uint16_t *p, int64_t i) {
+    uint32_t w = (uint32_t)p[i] << 16;
     float f;
     memcpy(&f, &w, sizeof f);
     return f;
 }
-static inline float load1_f16(const _Float16 *p) { return (float)*p; }
+static inline float load1_f16(const _Float16 *p, int64_t i) { return (float)p[i]; }
+static inline float load1_i8(const int8_t *p, int64_t i) { return (float)p[i]; }
+static inline float load1_e4m3(const uint8_t *p, int64_t i) {
+    uint16_t b = p[i], bits = (uint16_t)(((b & 0x7F) << 7) | ((b & 0x80) << 8));
+    _Float16 h;
+    memcpy(&h, &bits, sizeof h);
+    return (float)h;
+}
+static inline float load1_u4(const uint8_t *p, int64_t i) { return (float)((p[i >> 1] >> ((i & 1) * 4)) & 15); }
+static inline float load1_u2(const uint8_t *p, int64_t i) { return (float)((p[i >> 2] >> ((i & 3) * 2)) & 3); }
 
 #define GENERIC_PASSES(T, ET)                                                                               \
     static void scores_any_##T(const float *qs, const void *kv, int64_t stride, int64_t g, int64_t D,      \
@@ -82,11 +176,11 @@ static inline float load1_f16(const _Float16 *p) { return (float)*p; }
         const ET *kt0 = (const ET *)kv;                                                                     \
         for (int64_t r = 0; r < g; r++)                                                                     \
             for (int64_t t = t0; t < t1; t++) {                                                             \
-                const ET *kt = kt0 + t * stride;                                                            \
+                const ET *kt = kt0 + IDX_##T(t * stride);                                                   \
                 const float *qr = qs + r * D;                                                               \
                 float dot = 0.0f;                                                                           \
                 _Pragma("omp simd reduction(+ : dot)")                                                      \
-                for (int64_t d = 0; d < D; d++) dot += qr[d] * load1_##T(kt + d);                           \
+                for (int64_t d = 0; d < D; d++) dot += qr[d] * load1_##T(kt, d);                            \
                 s[r * bs + t] = dot;                                                                        \
             }                                                                                               \
     }                                                                                                       \
@@ -96,16 +190,20 @@ static inline float load1_f16(const _Float16 *p) { return (float)*p; }
         for (int64_t r = 0; r < g; r++)                                                                     \
             for (int64_t t = t0; t < t1; t++) {                                                             \
                 const float w = s[r * bs + t];                                                              \
-                const ET *vt = vt0 + t * stride;                                                            \
+                const ET *vt = vt0 + IDX_##T(t * stride);                                                   \
                 float *ar = acc + r * D;                                                                    \
                 _Pragma("omp simd")                                                                         \
-                for (int64_t d = 0; d < D; d++) ar[d] += w * load1_##T(vt + d);                             \
+                for (int64_t d = 0; d < D; d++) ar[d] += w * load1_##T(vt, d);                              \
             }                                                                                               \
     }
 
 GENERIC_PASSES(f32, float)
 GENERIC_PASSES(bf16, uint16_t)
 GENERIC_PASSES(f16, _Float16)
+GENERIC_PASSES(i8, int8_t)
+GENERIC_PASSES(e4m3, uint8_t)
+GENERIC_PASSES(u4, uint8_t)
+GENERIC_PASSES(u2, uint8_t)
 
 /* The sums of four 8-lane vectors, as lanes 0-3 of one 4-lane vector (a transposed horizontal add). */
 typedef float v4 __attribute__((vector_size(16)));
@@ -131,32 +229,33 @@ static inline v4 hsum4(v8 a, v8 b, v8 c, v8 d) {
             for (int n = 0; n < NV; n++) qv[n] = *(const v8 *)(qs + r * 8 * NV + 8 * n);                    \
             int64_t t = t0;                                                                                 \
             for (; t + 4 <= t1; t += 4) { /* four tokens at once: one transposed sum for four dots */       \
-                const ET *k0 = kt0 + t * stride, *k1 = k0 + stride, *k2 = k1 + stride, *k3 = k2 + stride;    \
+                const ET *k0 = kt0 + IDX_##T(t * stride), *k1 = k0 + IDX_##T(stride);                       \
+                const ET *k2 = k1 + IDX_##T(stride), *k3 = k2 + IDX_##T(stride);                            \
                 /* two accumulators per token: chains of NV/2 dependent FMAs instead of NV */               \
                 v8 a = {0}, b = {0}, c = {0}, d = {0}, a2 = {0}, b2 = {0}, c2 = {0}, d2 = {0};              \
                 for (int n = 0; n + 1 < NV; n += 2) {                                                       \
-                    a += qv[n] * load8_##T(k0 + 8 * n);                                                 \
-                    b += qv[n] * load8_##T(k1 + 8 * n);                                                 \
-                    c += qv[n] * load8_##T(k2 + 8 * n);                                                 \
-                    d += qv[n] * load8_##T(k3 + 8 * n);                                                 \
-                    a2 += qv[n + 1] * load8_##T(k0 + 8 * n + 8);                                        \
-                    b2 += qv[n + 1] * load8_##T(k1 + 8 * n + 8);                                        \
-                    c2 += qv[n + 1] * load8_##T(k2 + 8 * n + 8);                                        \
-                    d2 += qv[n + 1] * load8_##T(k3 + 8 * n + 8);                                        \
+                    a += qv[n] * load8_##T(k0 + IDX_##T(8 * n));                                                 \
+                    b += qv[n] * load8_##T(k1 + IDX_##T(8 * n));                                                 \
+                    c += qv[n] * load8_##T(k2 + IDX_##T(8 * n));                                                 \
+                    d += qv[n] * load8_##T(k3 + IDX_##T(8 * n));                                                 \
+                    a2 += qv[n + 1] * load8_##T(k0 + IDX_##T(8 * n + 8));                                        \
+                    b2 += qv[n + 1] * load8_##T(k1 + IDX_##T(8 * n + 8));                                        \
+                    c2 += qv[n + 1] * load8_##T(k2 + IDX_##T(8 * n + 8));                                        \
+                    d2 += qv[n + 1] * load8_##T(k3 + IDX_##T(8 * n + 8));                                        \
                 }                                                                                           \
                 if (NV % 2) {                                                                               \
-                    a += qv[NV - 1] * load8_##T(k0 + 8 * (NV - 1));                                     \
-                    b += qv[NV - 1] * load8_##T(k1 + 8 * (NV - 1));                                     \
-                    c += qv[NV - 1] * load8_##T(k2 + 8 * (NV - 1));                                     \
-                    d += qv[NV - 1] * load8_##T(k3 + 8 * (NV - 1));                                     \
+                    a += qv[NV - 1] * load8_##T(k0 + IDX_##T(8 * (NV - 1)));                                     \
+                    b += qv[NV - 1] * load8_##T(k1 + IDX_##T(8 * (NV - 1)));                                     \
+                    c += qv[NV - 1] * load8_##T(k2 + IDX_##T(8 * (NV - 1)));                                     \
+                    d += qv[NV - 1] * load8_##T(k3 + IDX_##T(8 * (NV - 1)));                                     \
                 }                                                                                           \
                 v4 sum = hsum4(a + a2, b + b2, c + c2, d + d2);                                             \
                 memcpy(s + r * bs + t, &sum, sizeof sum);                                                   \
             }                                                                                               \
             for (; t < t1; t++) {                                                                           \
-                const ET *kt = kt0 + t * stride;                                                            \
+                const ET *kt = kt0 + IDX_##T(t * stride);                                                            \
                 v8 a = {0};                                                                                 \
-                for (int n = 0; n < NV; n++) a += qv[n] * load8_##T(kt + 8 * n);                        \
+                for (int n = 0; n < NV; n++) a += qv[n] * load8_##T(kt + IDX_##T(8 * n));                        \
                 s[r * bs + t] = ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]));          \
             }                                                                                               \
         }                                                                                                   \
@@ -171,8 +270,8 @@ static inline v4 hsum4(v8 a, v8 b, v8 c, v8 d) {
             for (int n = 0; n < NV; n++) av[n] = *(v8 *)(ar + 8 * n);                                       \
             for (int64_t t = t0; t < t1; t++) {                                                             \
                 const float w = s[r * bs + t];                              \
-                const ET *vt = vt0 + t * stride;                                      \
-                for (int n = 0; n < NV; n++) av[n] += w * load8_##T(vt + 8 * n);                             \
+                const ET *vt = vt0 + IDX_##T(t * stride);                                     \
+                for (int n = 0; n < NV; n++) av[n] += w * load8_##T(vt + IDX_##T(8 * n));                             \
             }                                                                                               \
             for (int n = 0; n < NV; n++) *(v8 *)(ar + 8 * n) = av[n];                                       \
         }                                                                                                   \
@@ -183,6 +282,10 @@ static inline v4 hsum4(v8 a, v8 b, v8 c, v8 d) {
 ALL_WIDTHS(f32, float)
 ALL_WIDTHS(bf16, uint16_t)
 ALL_WIDTHS(f16, _Float16)
+ALL_WIDTHS(i8, int8_t)
+ALL_WIDTHS(e4m3, uint8_t)
+ALL_WIDTHS(u4, uint8_t)
+ALL_WIDTHS(u2, uint8_t)
 
 typedef void (*scores_fn)(const float *, const void *, int64_t, int64_t, int64_t, int64_t, int64_t, float *, int64_t);
 typedef void (*values_fn)(float *, const void *, int64_t, int64_t, int64_t, int64_t, int64_t, const float *, int64_t);
@@ -200,25 +303,42 @@ typedef void (*values_fn)(float *, const void *, int64_t, int64_t, int64_t, int6
         }                                                                                                   \
     } while (0)
 
-/* dtype: 0 float32, 1 bfloat16, 2 float16 (the cache's element type; q, out and lse are float32). */
+/* dtype: the cache's element type (q, out and lse are float32): 0 float32, 1 bfloat16, 2 float16, 3 int8,
+ * 4 fp8 e4m3, 5 KIVI 4-bit, 6 KIVI 2-bit codes. */
+enum { DT_F32, DT_BF16, DT_F16, DT_I8, DT_E4M3, DT_U4, DT_U2, DT_COUNT };
+static const int DT_BITS[DT_COUNT] = {32, 16, 16, 8, 8, 4, 2};
 static void pick_passes(int64_t D, int dtype, scores_fn *sc, values_fn *va) {
-    if (dtype == 1) PICK(bf16);
-    else if (dtype == 2) PICK(f16);
-    else PICK(f32);
+    switch (dtype) {
+    case DT_BF16: PICK(bf16); break;
+    case DT_F16: PICK(f16); break;
+    case DT_I8: PICK(i8); break;
+    case DT_E4M3: PICK(e4m3); break;
+    case DT_U4: PICK(u4); break;
+    case DT_U2: PICK(u2); break;
+    default: PICK(f32);
+    }
 }
 
-/* Request rows*len bytes at p, p + stride, ... (one kv head's slice of every token of a block). */
+/* Request rows*len bytes at p, p + stride, ... (one kv head's slice of every token of a block) into L2, not L1:
+ * the next block brought into L1 would evict the one being read (measured 0.68x -> 0.87x of SDPA on an EPYC). */
 static inline void prefetch_rows(const char *p, int64_t rows, int64_t stride, int64_t len) {
     for (int64_t t = 0; t < rows; t++)
-        for (int64_t off = 0; off < len; off += 64) __builtin_prefetch(p + t * stride + off, 0, 3);
+        for (int64_t off = 0; off < len; off += 64) __builtin_prefetch(p + t * stride + off, 0, 1); /* to L2 */
+}
+
+static inline void prefetch_bytes(const void *p, int64_t len) {
+    for (int64_t off = 0; off < len; off += 64) __builtin_prefetch((const char *)p + off, 0, 3);
 }
 
 typedef struct {
     const float *q, *slopes;
-    const char *kc, *vc; /* the pools, elements of esize bytes (dtype) */
+    const char *kc, *vc; /* the pools, elements of DT_BITS[dtype] bits */
+    const void *ks, *kz, *vs, *vz; /* quantized pools: scales (and KIVI zero points), NULL otherwise */
+    const float *rk, *rv;          /* KIVI: full-precision residual blocks, rmap[p] their slot or -1 */
+    const int32_t *rmap;
     const int32_t *table;
     const int64_t *lens, *starts;
-    int64_t B, H, Hkv, D, bs, table_width, nsplit, blocks_per_split, esize;
+    int64_t B, H, Hkv, D, bs, table_width, nsplit, blocks_per_split;
     int dtype;
     float scale, softcap;
     float *part_acc, *part_m, *part_l; /* (B, H, nsplit, D), (B, H, nsplit) x 2 */
@@ -238,7 +358,12 @@ static void run_item(const job_t *J, int64_t item) {
     float (*qs)[D] = malloc(sizeof(float[H][D])), (*acc)[D] = malloc(sizeof(float[H][D]));
     float (*s)[bs] = malloc(sizeof(float[H][bs]));
     float *m = malloc(sizeof(float[H])), *l = malloc(sizeof(float[H])), *slope = malloc(sizeof(float[H]));
-    if (!qs || !acc || !s || !m || !l || !slope) { __atomic_store_n(&((job_t *)J)->failed, 1, __ATOMIC_RELAXED); goto out; }
+    /* KIVI: the query times a block's key scales (per kv head), q . zero point, sum_t p_t * value zero point */
+    float (*qk)[D] = malloc(sizeof(float[H][D])), *qz = malloc(sizeof(float[H])), *zb = malloc(sizeof(float[H]));
+    if (!qs || !acc || !s || !m || !l || !slope || !qk || !qz || !zb) {
+        __atomic_store_n(&((job_t *)J)->failed, 1, __ATOMIC_RELAXED);
+        goto out;
+    }
     for (int64_t r = 0; r < H; r++) {
         const float *qr = J->q + (b * H + r) * D;
         for (int64_t d = 0; d < D; d++) { qs[r][d] = qr[d] * J->scale; acc[r][d] = 0.0f; }
@@ -249,13 +374,19 @@ static void run_item(const job_t *J, int64_t item) {
     const int64_t first = start / bs, end = (len + bs - 1) / bs;
     const int64_t j0 = first + split * J->blocks_per_split;
     const int64_t j1 = j0 + J->blocks_per_split < end ? j0 + J->blocks_per_split : end;
-    const int64_t block_bytes = bs * Hkv * D * J->esize;
+    const int64_t head_bytes = D * DT_BITS[J->dtype] / 8, row_bytes = Hkv * head_bytes, block_bytes = bs * row_bytes;
+    const int64_t res_head = D * 4, res_row = Hkv * res_head, res_block = bs * res_row;
     const float softcap = J->softcap;
-    scores_fn scores;
-    values_fn values;
+    const int sym = J->dtype == DT_I8 || J->dtype == DT_E4M3, kivi = J->dtype == DT_U4 || J->dtype == DT_U2;
+    const float unit = J->dtype == DT_E4M3 ? E4M3_UNIT : 1.0f;
+    scores_fn scores, scores_res;
+    values_fn values, values_res;
     pick_passes(D, J->dtype, &scores, &values);
+    pick_passes(D, DT_F32, &scores_res, &values_res);
     for (int64_t j = j0; j < j1; j++) {
         const int64_t p = J->table[b * J->table_width + j];
+        const int64_t rslot = J->rmap ? J->rmap[p] : -1;
+        const int quant = (sym || kivi) && rslot < 0; /* codes to scale; a residual block is plain float32 */
         /* the block PREFETCH ahead: a kv head's slice of it is requested while that head's slice of this
          * block is computed, so its loads are in flight, spread evenly, while this one computes */
         const char *kn = NULL, *vn = NULL;
@@ -263,17 +394,60 @@ static void run_item(const job_t *J, int64_t item) {
             const int64_t pn = J->table[b * J->table_width + j + PREFETCH];
             kn = J->kc + pn * block_bytes;
             vn = J->vc + pn * block_bytes;
+            /* a quantized block's scales (and zero points) live apart from its codes: a miss of their own */
+            if (sym) {
+                prefetch_bytes((const float *)J->ks + pn * bs * Hkv, bs * Hkv * 4);
+                prefetch_bytes((const float *)J->vs + pn * bs * Hkv, bs * Hkv * 4);
+            } else if (kivi) {
+                prefetch_bytes((const _Float16 *)J->ks + pn * Hkv * D, Hkv * D * 2);
+                prefetch_bytes((const _Float16 *)J->kz + pn * Hkv * D, Hkv * D * 2);
+                prefetch_bytes((const _Float16 *)J->vs + pn * bs * Hkv, bs * Hkv * 2);
+                prefetch_bytes((const _Float16 *)J->vz + pn * bs * Hkv, bs * Hkv * 2);
+                if (J->rmap) __builtin_prefetch(J->rmap + pn, 0, 3);
+            }
         }
-        const int64_t row_bytes = Hkv * D * J->esize, head_bytes = D * J->esize;
         int64_t t0 = start - j * bs, t1 = len - j * bs;
         if (t0 < 0) t0 = 0;
         if (t1 > bs) t1 = bs;
         if (t0 >= t1) continue;
         const char *kb = J->kc + p * block_bytes, *vb = J->vc + p * block_bytes;
+        int64_t hb = head_bytes;
+        scores_fn sc = scores;
+        values_fn va = values;
+        if (rslot >= 0) {
+            kb = (const char *)J->rk + rslot * res_block;
+            vb = (const char *)J->rv + rslot * res_block;
+            hb = res_head, sc = scores_res, va = values_res;
+        }
         for (int64_t kh = 0; kh < Hkv; kh++) {
             if (kn) prefetch_rows(kn + kh * head_bytes, bs, row_bytes, head_bytes);
-            scores(qs[kh * g], kb + kh * head_bytes, Hkv * D, g, D, t0, t1, s[kh * g], bs);
+            if (quant && kivi) { /* q . (code * ks + kz) = (q * ks) . code + q . kz, per channel */
+                const _Float16 *ks = (const _Float16 *)J->ks + (p * Hkv + kh) * D;
+                const _Float16 *kz = (const _Float16 *)J->kz + (p * Hkv + kh) * D;
+                for (int64_t r = kh * g; r < (kh + 1) * g; r++) {
+                    float z = 0.0f;
+#pragma omp simd reduction(+ : z)
+                    for (int64_t d = 0; d < D; d++) { qk[r][d] = qs[r][d] * (float)ks[d]; z += qs[r][d] * (float)kz[d]; }
+                    qz[r] = z;
+                }
+            }
         }
+        const float(*qh)[D] = quant && kivi ? (const float(*)[D])qk : (const float(*)[D])qs;
+        /* TOKEN_CHUNK tokens of every head at a time: the block is read front to back, row after row */
+        for (int64_t ta = t0; ta < t1; ta += TOKEN_CHUNK) {
+            const int64_t tb = ta + TOKEN_CHUNK < t1 ? ta + TOKEN_CHUNK : t1;
+            for (int64_t kh = 0; kh < Hkv; kh++) sc(qh[kh * g], kb + kh * hb, Hkv * D, g, D, ta, tb, s[kh * g], bs);
+        }
+        if (quant)
+            for (int64_t kh = 0; kh < Hkv; kh++)
+                for (int64_t r = kh * g; r < (kh + 1) * g; r++) {
+                    if (sym) {
+                        const float *ks = (const float *)J->ks + p * bs * Hkv + kh;
+                        for (int64_t t = t0; t < t1; t++) s[r][t] *= ks[t * Hkv] * unit;
+                    } else {
+                        for (int64_t t = t0; t < t1; t++) s[r][t] += qz[r];
+                    }
+                }
         for (int64_t r = 0; r < H; r++) {
             float bm = -INFINITY;
             if (softcap > 0.0f)
@@ -297,8 +471,29 @@ static void run_item(const job_t *J, int64_t item) {
         }
         for (int64_t kh = 0; kh < Hkv; kh++) {
             if (vn) prefetch_rows(vn + kh * head_bytes, bs, row_bytes, head_bytes);
-            values(acc[kh * g], vb + kh * head_bytes, Hkv * D, g, D, t0, t1, s[kh * g], bs);
+            if (quant) /* the weights become p_t * scale_t (KIVI: the zero points' share summed aside) */
+                for (int64_t r = kh * g; r < (kh + 1) * g; r++) {
+                    if (sym) {
+                        const float *vs = (const float *)J->vs + p * bs * Hkv + kh;
+                        for (int64_t t = t0; t < t1; t++) s[r][t] *= vs[t * Hkv] * unit;
+                    } else {
+                        const _Float16 *vs = (const _Float16 *)J->vs + p * bs * Hkv + kh;
+                        const _Float16 *vz = (const _Float16 *)J->vz + p * bs * Hkv + kh;
+                        float z = 0.0f;
+                        for (int64_t t = t0; t < t1; t++) { z += s[r][t] * (float)vz[t * Hkv]; s[r][t] *= (float)vs[t * Hkv]; }
+                        zb[r] = z;
+                    }
+                }
         }
+        for (int64_t ta = t0; ta < t1; ta += TOKEN_CHUNK) {
+            const int64_t tb = ta + TOKEN_CHUNK < t1 ? ta + TOKEN_CHUNK : t1;
+            for (int64_t kh = 0; kh < Hkv; kh++) va(acc[kh * g], vb + kh * hb, Hkv * D, g, D, ta, tb, s[kh * g], bs);
+        }
+        if (quant && kivi)
+            for (int64_t r = 0; r < H; r++) {
+#pragma omp simd
+                for (int64_t d = 0; d < D; d++) acc[r][d] += zb[r];
+            }
     }
     for (int64_t r = 0; r < H; r++) {
         const int64_t row = (b * H + r) * J->nsplit + split;
@@ -307,7 +502,7 @@ static void run_item(const job_t *J, int64_t item) {
         J->part_l[row] = l[r];
     }
 out:
-    free(qs); free(acc); free(s); free(m); free(l); free(slope);
+    free(qs); free(acc); free(s); free(m); free(l); free(slope); free(qk); free(qz); free(zb);
 }
 
 static void *worker(void *arg) {
@@ -351,15 +546,20 @@ static void merge_splits(const job_t *J, float *out, float *lse) {
     }
 }
 
-/* dtype: the pools' element type (0 float32, 1 bfloat16, 2 float16). Returns 0 on success, 1 for bad sizes or
- * dtype, 2 when scratch memory could not be allocated. */
-int paged_decode(int dtype, const float *q, const void *kc, const void *vc, const int32_t *table, int64_t table_width,
-                     const int64_t *lens, const int64_t *starts, int64_t B, int64_t H, int64_t Hkv, int64_t D,
-                     int64_t bs, float scale, float softcap, const float *slopes, int64_t nsplit,
-                     int64_t blocks_per_split, float *out, float *lse, int nthreads) {
-    if (Hkv <= 0 || H % Hkv || nsplit < 1 || dtype < 0 || dtype > 2) return 1;
-    job_t J = {q, slopes, (const char *)kc, (const char *)vc, table, lens, starts, B, H, Hkv, D, bs, table_width,
-               nsplit, blocks_per_split, dtype == 0 ? 4 : 2, dtype, scale, softcap, NULL, NULL, NULL, B * nsplit, 0, 0};
+/* dtype: the pools' element type (DT_*). ks, kz, vs, vz: a quantized pool's scales and zero points (see the
+ * top of this file), rk, rv, rmap: KIVI's residual blocks; NULL for a full-width pool. Returns 0 on success,
+ * 1 for bad sizes or dtype, 2 when scratch memory could not be allocated. */
+int paged_decode_quant(int dtype, const float *q, const void *kc, const void *vc, const void *ks, const void *kz,
+                       const void *vs, const void *vz, const float *rk, const float *rv, const int32_t *rmap,
+                       const int32_t *table, int64_t table_width, const int64_t *lens, const int64_t *starts,
+                       int64_t B, int64_t H, int64_t Hkv, int64_t D, int64_t bs, float scale, float softcap,
+                       const float *slopes, int64_t nsplit, int64_t blocks_per_split, float *out, float *lse,
+                       int nthreads) {
+    if (Hkv <= 0 || H % Hkv || nsplit < 1 || dtype < 0 || dtype >= DT_COUNT || (D * DT_BITS[dtype]) % 8) return 1;
+    if (dtype >= DT_I8 && (!ks || !vs || (dtype >= DT_U4 && (!kz || !vz)))) return 1;
+    job_t J = {q, slopes, (const char *)kc, (const char *)vc, ks, kz, vs, vz, rk, rv, rmap, table, lens, starts,
+               B, H, Hkv, D, bs, table_width, nsplit, blocks_per_split, dtype, scale, softcap, NULL, NULL, NULL,
+               B * nsplit, 0, 0};
     J.part_acc = (float *)malloc((size_t)(B * H * nsplit * D) * sizeof(float) + 1);
     J.part_m = (float *)malloc((size_t)(B * H * nsplit) * sizeof(float) + 1);
     J.part_l = (float *)malloc((size_t)(B * H * nsplit) * sizeof(float) + 1);
@@ -383,4 +583,15 @@ done:
     free(J.part_m);
     free(J.part_l);
     return rc;
+}
+
+/* A full-width pool (dtype 0 float32, 1 bfloat16, 2 float16): ``paged_decode_quant`` without scales. */
+int paged_decode(int dtype, const float *q, const void *kc, const void *vc, const int32_t *table, int64_t table_width,
+                 const int64_t *lens, const int64_t *starts, int64_t B, int64_t H, int64_t Hkv, int64_t D,
+                 int64_t bs, float scale, float softcap, const float *slopes, int64_t nsplit,
+                 int64_t blocks_per_split, float *out, float *lse, int nthreads) {
+    if (dtype < 0 || dtype > DT_F16) return 1;
+    return paged_decode_quant(dtype, q, kc, vc, NULL, NULL, NULL, NULL, NULL, NULL, NULL, table, table_width, lens,
+                              starts, B, H, Hkv, D, bs, scale, softcap, slopes, nsplit, blocks_per_split, out, lse,
+                              nthreads);
 }
