@@ -124,6 +124,15 @@ class StreamingStep:
     rope: tuple | None = None  # (cos, sin) at sink_positions, set by the model once per step
 
 
+def _read_slots(cache, slots: torch.Tensor) -> torch.Tensor:
+    """Cache slots (n,) (block * block_size + offset) as (n, Hkv, D). Read through ``index_select`` on the blocks
+    they fall in, so a quantized pool (``QuantizedPages``) is dequantized for those blocks only."""
+    bs = cache.shape[1]
+    slots = slots.to(torch.int64)
+    blocks, where = torch.unique(slots // bs, return_inverse=True)
+    return cache.index_select(0, blocks)[where, slots % bs]
+
+
 def sink_attention(q, key_cache, value_cache, step: StreamingStep, scale: float):
     """The sink part: q (T, H, D), rotated at its cache positions, against its sequence's first sink_cutoff
     sinks, read from the cache slots ``step.sink_slots``. Returns out (T, H, D), lse (H, T) in the compute
@@ -133,8 +142,8 @@ def sink_attention(q, key_cache, value_cache, step: StreamingStep, scale: float)
     t, h, d = q.shape
     hkv = key_cache.shape[2]
     cd = torch.float64 if q.dtype == torch.float64 else torch.float32
-    k = key_cache.reshape(-1, hkv, d)[step.sink_slots].to(cd)[step.sink_rows]  # (T, S, Hkv, D)
-    v = value_cache.reshape(-1, hkv, d)[step.sink_slots].to(cd)[step.sink_rows]
+    k = _read_slots(key_cache, step.sink_slots).to(cd)[step.sink_rows]  # (T, S, Hkv, D)
+    v = _read_slots(value_cache, step.sink_slots).to(cd)[step.sink_rows]
     qg = q.to(cd).view(t, hkv, h // hkv, d)
     s = torch.einsum("tkgd,tskd->tkgs", qg, k) * scale
     visible = torch.arange(k.shape[1], device=q.device) < step.sink_cutoff.unsqueeze(1)  # (T, S)
