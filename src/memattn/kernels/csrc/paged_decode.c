@@ -24,6 +24,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "native.h"
+
 /* Blocks ahead whose loads are issued in software (0: none); the pool order of blocks is random. */
 #ifndef PREFETCH
 #define PREFETCH 1
