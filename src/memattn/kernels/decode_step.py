@@ -96,7 +96,7 @@ class LlamaStep:
                 and tuple(kv.shape[4:]) == (hkv, d))
 
     def run(self, x, cos, sin, slots, kv, block_table, ranges) -> torch.Tensor:
-        """One decode step of M rows; returns logits (M, vocab) in the model's dtype.
+        """One decode step of M rows; returns logits (M, vocab) float32 (rounded to the model's dtype).
 
         x (M, hidden): the new tokens' embeddings (overwritten: the residual stream). cos, sin: (M, 1, hd / 2)
         from ``rope_cos_sin``. slots (M,) int64: where each row's k/v go. kv: the pool (2, L, blocks, bs, Hkv,
@@ -126,7 +126,7 @@ class LlamaStep:
         table = block_table.to(torch.int32).contiguous()
         c, s = cos.reshape(m, d // 2).contiguous(), sin.reshape(m, d // 2).contiguous()
         slots = slots.to(torch.int64).contiguous()
-        logits = torch.empty((m, vocab), dtype=self.dtype)
+        logits = torch.empty((m, vocab), dtype=torch.float32)
         rc = self._lib.llama_decode_step(
             self.code, m, len(self.windows), hidden, h, hkv, d, inter, self.table.data_ptr(), self.eps, x.data_ptr(),
             c.data_ptr(), s.data_ptr(), slots.data_ptr(), kv.data_ptr(), nb, bs, table.data_ptr(), table.shape[1],

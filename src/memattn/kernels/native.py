@@ -24,7 +24,7 @@ import warnings
 from pathlib import Path
 
 _CSRC = Path(__file__).with_name("csrc")
-_SOURCES = [_CSRC / name for name in ("paged_decode.c", "gemv.c", "decode_step.c")]
+_SOURCES = [_CSRC / name for name in ("pool.c", "paged_decode.c", "gemv.c", "decode_step.c")]
 _HEADERS = [_CSRC / "native.h"]
 # -ffp-contract=fast: fused multiply-adds (one rounding instead of two)
 _FLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp-simd", "-fPIC", "-shared", "-pthread", "-std=c11",

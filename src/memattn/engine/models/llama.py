@@ -170,7 +170,7 @@ class LlamaForCausalLM(nn.Module):
                              f"{slots.tolist()}")
         x = self.model.embed_tokens(batch.input_ids).contiguous()
         cos, sin = rope_cos_sin(batch.positions, self.inv_freq, x.dtype)
-        return step.run(x, cos, sin, slots, kv, md.decode_table, md.decode_ranges).float()
+        return step.run(x, cos, sin, slots, kv, md.decode_table, md.decode_ranges)
 
     def forward_layers(self, batch: StepBatch, cache) -> torch.Tensor:
         """The step layer by layer from Python (any batch; the reference of the native decode step)."""

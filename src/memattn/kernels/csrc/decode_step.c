@@ -17,7 +17,8 @@
  *   table   (M, width) int32, lens (M,) int64: block table and context length (the new token included)
  *   layers  (L, LP_COUNT) int64 addresses, see the LP_ enum; a NULL bias is no bias; starts (M,) int64 are the
  *           first visible key of each row for that layer (sliding windows differ per layer)
- *   logits  (M, V) dt
+ *   logits  (M, V) float32, rounded to dt (the Python path's logits in dt, widened: one torch op fewer, and on a
+ *           loaded machine a parallel torch op can wait a whole scheduler slice for its second thread)
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -73,21 +74,21 @@ int llama_decode_step(int dtype, int64_t M, int64_t L, int64_t Dm, int64_t H, in
                       const int64_t *layers, float eps, void *x, const void *cos, const void *sin,
                       const int64_t *slots, void *kv, int64_t NB, int64_t bs, const int32_t *table, int64_t width,
                       const int64_t *lens, float scale, int64_t nsplit, int64_t per, const void *norm_w,
-                      const void *lm_head, int64_t V, void *logits, int nthreads) {
+                      const void *lm_head, int64_t V, float *logits, int nthreads) {
     if (dtype < 0 || dtype > 2 || M < 1 || M > MAX_M || L < 1 || Dm < 1 || H < 1 || Hkv < 1 || H % Hkv || hd < 2 ||
         hd % 2 || I < 1 || V < 1 || NB < 1 || bs < 1 || nsplit < 1 || per < 1)
         return 1;
     const int64_t es = elem_size(dtype), nqkv = (H + 2 * Hkv) * hd, widest = Dm > I ? (Dm > H * hd ? Dm : H * hd)
                                                                                     : (I > H * hd ? I : H * hd);
     const int64_t layer_elems = NB * bs * Hkv * hd;
-    /* dtype scratch: delta, h, a (M, Dm) each, qkv (M, nqkv), gu (M, 2I), act (M, I); float32: xf (M, widest),
-     * qf and attn (M, H hd), lse (M, H) */
-    const int64_t n_dt = M * (3 * Dm + nqkv + 3 * I), n_f = M * (widest + 2 * H * hd + H);
+    /* dtype scratch: delta, h, a (M, Dm) each, qkv (M, nqkv), gu (M, 2I), act (M, I), head (M, V) unless
+     * float32; float32: xf (M, widest), qf and attn (M, H hd), lse (M, H) */
+    const int64_t n_dt = M * (3 * Dm + nqkv + 3 * I + (dtype ? V : 0)), n_f = M * (widest + 2 * H * hd + H);
     char *scratch = malloc((size_t)(n_dt * es + n_f * 4 + 64));
     if (!scratch) return 2;
     char *delta = scratch, *h = delta + M * Dm * es, *a = h + M * Dm * es, *qkv = a + M * Dm * es;
-    char *gu = qkv + M * nqkv * es, *act = gu + M * 2 * I * es;
-    float *xf = (float *)(((uintptr_t)(act + M * I * es) + 63) & ~(uintptr_t)63);
+    char *gu = qkv + M * nqkv * es, *act = gu + M * 2 * I * es, *head = act + M * I * es;
+    float *xf = (float *)(((uintptr_t)(head + (dtype ? M * V * es : 0)) + 63) & ~(uintptr_t)63);
     float *qf = xf + M * widest, *attn = qf + M * H * hd, *lse = attn + M * H * hd;
     int rc = 0;
     for (int64_t l = 0; l < L && !rc; l++) {
@@ -118,7 +119,8 @@ int llama_decode_step(int dtype, int64_t M, int64_t L, int64_t Dm, int64_t H, in
     if (!rc) {
         add_rms_norm(dtype, x, delta, norm_w, h, M, Dm, eps);
         widen(dtype, h, xf, M * Dm);
-        rc = gemv(dtype, dtype, xf, M, lm_head, V, Dm, NULL, logits, nthreads);
+        rc = gemv(dtype, dtype, xf, M, lm_head, V, Dm, NULL, dtype ? (void *)head : (void *)logits, nthreads);
+        if (dtype) widen(dtype, head, logits, M * V);
     }
     free(scratch);
     return rc ? rc + 10 : 0;

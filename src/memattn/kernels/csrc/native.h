@@ -1,6 +1,6 @@
 /* What the native kernels share: the element-type codes, scalar loads and stores of each type (float32
- * arithmetic), and the entry points one kernel calls in another (the fused decode step, decode_step.c, runs
- * gemv.c's GEMV and elementwise steps and paged_decode.c's attention; each is also called from Python alone).
+ * arithmetic), and the entry points one kernel calls in another (the thread pool of pool.c; the fused decode step,
+ * decode_step.c, runs gemv.c's GEMV and elementwise steps and paged_decode.c's attention; each is also called from Python alone).
  *
  * Element types: 0 float32, 1 bfloat16, 2 float16.
  */
@@ -40,6 +40,9 @@ static inline float round_to(int dtype, float v) {
 }
 
 static inline int64_t elem_size(int dtype) { return dtype == 0 ? 4 : 2; }
+
+/* fn(ctx, i) for i in [0, n) on the caller and the pool's workers (pool.c); one call at a time */
+void parallel_for(void (*fn)(void *, int64_t), void *ctx, int64_t n, int nthreads);
 
 int gemv(int dtype, int out_dtype, const float *x, int64_t M, const void *w, int64_t N, int64_t K,
          const float *bias, void *y, int nthreads);
