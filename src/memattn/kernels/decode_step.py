@@ -86,7 +86,6 @@ class LlamaStep:
         self.norm, self.lm_head = norm, lm_head
         self.geometry = (h, hkv, d, hidden, inter, lm_head.shape[0])
         self.eps, self.scale = float(eps), float(scale)
-        self._lib = lib
 
     def supports(self, num_rows: int, kv: torch.Tensor) -> bool:
         """Whether ``run`` takes a step of `num_rows` rows on the pool `kv` (2, L, blocks, bs, Hkv, hd)."""
@@ -127,7 +126,7 @@ class LlamaStep:
         c, s = cos.reshape(m, d // 2).contiguous(), sin.reshape(m, d // 2).contiguous()
         slots = slots.to(torch.int64).contiguous()
         logits = torch.empty((m, vocab), dtype=torch.float32)
-        rc = self._lib.llama_decode_step(
+        rc = native.library().llama_decode_step(
             self.code, m, len(self.windows), hidden, h, hkv, d, inter, self.table.data_ptr(), self.eps, x.data_ptr(),
             c.data_ptr(), s.data_ptr(), slots.data_ptr(), kv.data_ptr(), nb, bs, table.data_ptr(), table.shape[1],
             lens.data_ptr(), self.scale, nsplit, per, self.norm.data_ptr(), self.lm_head.data_ptr(), vocab,

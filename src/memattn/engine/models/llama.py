@@ -125,6 +125,11 @@ class LlamaForCausalLM(nn.Module):
         self._native_step = None
         return super()._apply(fn, *args, **kwargs)
 
+    def __getstate__(self):  # copy.deepcopy, pickling: a copy binds its own weights on its first step
+        state = super().__getstate__()
+        state["_native_step"] = None
+        return state
+
     def _native_binding(self):
         """The ``LlamaStep`` of the current weights (rebuilt when a weight's storage changed), or None where the
         native kernels cannot be built or the weights are not CPU tensors of a dtype it takes."""
