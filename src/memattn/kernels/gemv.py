@@ -5,10 +5,10 @@ For at most ``MAX_ROWS`` rows of x it streams the weight once through the C kern
 result rounded to x's dtype): a decode step with few rows is bound by reading the weights. On the 2-core
 AMD EPYC (AVX2, no AVX512-BF16) this was written on, a whole float32 decode step ran ~25% faster than through
 MKL's sgemv, and the bfloat16 one-row GEMV ~1-1.6x PyTorch's (10 GFLOP/s at 1 x 576 -> 3072), which also
-stalled badly when the machine was loaded. More rows (prefill) go to
-PyTorch: float32 as is; half precision by widening the weight to float32 for one float32 GEMM (the same
-arithmetic as a half-precision GEMM that accumulates in float32, faster where the CPU has no native
-bfloat16 matmul; the temporary copy costs far less than the GEMM's flops).
+stalled badly when the machine was loaded. More rows (prefill) go to PyTorch (up to ``CHUNKED_ROWS``
+rows still run here, ``MAX_ROWS`` at a time): float32 as is; half precision by widening the weight to float32
+for one float32 GEMM (the same arithmetic as a half-precision GEMM that accumulates in float32, faster where
+the CPU has no native bfloat16 matmul; the temporary copy costs far less than the GEMM's flops).
 """
 from __future__ import annotations
 
@@ -18,6 +18,12 @@ import torch.nn.functional as F
 from . import native
 
 MAX_ROWS = 8
+# Products of up to this many rows (a short prompt's prefill) run as runs of MAX_ROWS rows, each reading the
+# weight once more. Half precision: up to 4 runs read less than widening the weight to float32 for one GEMM
+# (2 bytes read, 4 written, 4 read again). float32: MKL's GEMM at 16-32 rows is compute-bound at about the
+# same time on 2 cores, and on a loaded machine its OpenMP threads stalled each call by a scheduler slice
+# (~15 ms a call, 1.8 s for a 16-token SmolLM2 prefill; these runs: ~0.2 s).
+CHUNKED_ROWS = 32
 # float32 few-row products through the C kernel too (else MKL's sgemv: ~25% slower in a whole decode step here)
 ROUTE_FLOAT32 = True
 DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -30,10 +36,12 @@ def supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear(x, weight, bias)``, through the C kernel for <= MAX_ROWS rows of CPU float32/bfloat16/float16."""
+    """``F.linear(x, weight, bias)``, through the C kernel for <= MAX_ROWS rows of CPU float32/bfloat16/float16
+    (up to CHUNKED_ROWS rows in runs of MAX_ROWS)."""
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if not 1 <= rows <= MAX_ROWS or not supported(x, weight) or (x.dtype == torch.float32 and not ROUTE_FLOAT32):
-        if x.dtype in (torch.bfloat16, torch.float16) and x.device.type == "cpu" and rows > MAX_ROWS:
+    half = x.dtype in (torch.bfloat16, torch.float16)
+    if not 1 <= rows <= CHUNKED_ROWS or not supported(x, weight) or (x.dtype == torch.float32 and not ROUTE_FLOAT32):
+        if half and x.device.type == "cpu" and rows > CHUNKED_ROWS:
             b = bias.float() if bias is not None else None
             return F.linear(x.float(), weight.float(), b).to(x.dtype)
         return F.linear(x, weight, bias)
@@ -42,11 +50,13 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     w = weight.contiguous()
     b = bias.to(torch.float32).contiguous() if bias is not None else None
     y = torch.empty((*x.shape[:-1], n), dtype=x.dtype)
-    code = DTYPES[x.dtype]
-    rc = native.library().gemv(code, code, xf.data_ptr(), rows, w.data_ptr(), n, k,
-                               b.data_ptr() if b is not None else None, y.data_ptr(), torch.get_num_threads())
-    if rc != 0:
-        raise RuntimeError(f"native gemv failed on sizes rows={rows} n={n} k={k}")
+    code, lib, yp = DTYPES[x.dtype], native.library(), y.data_ptr()
+    for r0 in range(0, rows, MAX_ROWS):  # one run for decode; a short prompt's few runs read w a few times
+        m = min(MAX_ROWS, rows - r0)
+        rc = lib.gemv(code, code, xf[r0].data_ptr(), m, w.data_ptr(), n, k, b.data_ptr() if b is not None else None,
+                      yp + r0 * n * y.element_size(), torch.get_num_threads())
+        if rc != 0:
+            raise RuntimeError(f"native gemv failed on sizes rows={m} n={n} k={k}")
     return y
 
 

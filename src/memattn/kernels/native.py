@@ -1,7 +1,8 @@
 """Small C kernels built on first use with the system C compiler and called through ctypes.
 
 Why C and not a torch extension: the kernels here (``csrc/paged_decode.c``, paged decode; ``csrc/gemv.c``,
-the few-row matrix-vector products of batch-1 decode) need no torch or Python headers, so it builds in about a second with ``cc`` and loads with ctypes; a
+the few-row matrix-vector products of batch-1 decode; ``csrc/decode_step.c``, a whole Llama decode step built
+from those two; ``csrc/native.h``, what they share) need no torch or Python headers, so it builds in about a second with ``cc`` and loads with ctypes; a
 torch C++ extension would need ninja and a minute of compiling against torch's headers.
 
 The shared library is cached under ``$MEMATTN_CACHE_DIR`` (default ``~/.cache/memattn``) in a folder
@@ -22,7 +23,9 @@ import tempfile
 import warnings
 from pathlib import Path
 
-_SOURCES = [Path(__file__).with_name("csrc") / name for name in ("paged_decode.c", "gemv.c")]
+_CSRC = Path(__file__).with_name("csrc")
+_SOURCES = [_CSRC / name for name in ("pool.c", "paged_decode.c", "gemv.c", "decode_step.c")]
+_HEADERS = [_CSRC / "native.h"]
 # -ffp-contract=fast: fused multiply-adds (one rounding instead of two)
 _FLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp-simd", "-fPIC", "-shared", "-pthread", "-std=c11",
           "-lm"]
@@ -47,7 +50,7 @@ def _cache_dir() -> Path:
 
 
 def _build(cc: str) -> Path:
-    src = b"".join(p.read_bytes() for p in _SOURCES)
+    src = b"".join(p.read_bytes() for p in _SOURCES + _HEADERS)
     key = hashlib.sha256(src + " ".join([cc, *_FLAGS, platform.machine(), _cpu_flags()]).encode()).hexdigest()[:16]
     for root in (_cache_dir(), Path(tempfile.gettempdir()) / f"memattn-{os.getuid() if hasattr(os, 'getuid') else 0}"):
         target = root / f"native-{key}" / "memattn_native.so"
@@ -61,7 +64,7 @@ def _build(cc: str) -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        subprocess.run([cc, *map(str, _SOURCES), "-o", tmp, *_FLAGS], check=True, capture_output=True, text=True,
+        subprocess.run([cc, *map(str, _SOURCES), "-I", str(_CSRC), "-o", tmp, *_FLAGS], check=True, capture_output=True, text=True,
                        timeout=120)
         os.replace(tmp, target)  # atomic: another process may be building the same file
     finally:
@@ -106,6 +109,11 @@ def library():
     f = lib.silu_mul
     f.argtypes = [i32, p, p, i64, i64]
     f.restype = ctypes.c_int
+    f = lib.llama_decode_step
+    f.argtypes = [i32, i64, i64, i64, i64, i64, i64, i64, p, f32, p, p, p, p, p, i64, i64, p, i64, p, f32, i64, i64,
+                  p, p, i64, p, i32]
+    f.restype = ctypes.c_int
+    lib.decode_step_layer_fields.restype = ctypes.c_int
     _lib = lib
     return _lib
 

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...kernels import gemv
+from ...kernels.decode_step import LlamaStep
 from ..config import ModelConfig
 from .common import (FusedLinear, StepBatch, apply_rope, linear, paged_self_attention, rms_norm, rope_cos_sin,
                      rope_inv_freq)
@@ -96,7 +97,13 @@ class LlamaModel(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    """forward(batch, cache) -> logits (R, vocab) of the rows ``batch.logits_indices``."""
+    """forward(batch, cache) -> logits (R, vocab) of the rows ``batch.logits_indices``.
+
+    A pure decode step of few rows on the CPU runs as one native call (``kernels.decode_step``) when
+    ``native_decode`` is true (the default); everything else, and every step with it false, runs the layers
+    from Python (``forward_layers``, the reference the native step is tested against)."""
+
+    native_decode = True
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -110,6 +117,70 @@ class LlamaForCausalLM(nn.Module):
 
     @torch.inference_mode()
     def forward(self, batch: StepBatch, cache) -> torch.Tensor:
+        if self.native_decode:
+            logits = self._native_decode(batch, cache)
+            if logits is not None:
+                return logits
+        return self.forward_layers(batch, cache)
+
+    def _apply(self, fn, *args, **kwargs):  # .to(), .float(), ...: the weights move, the bound addresses go
+        self._native_step = None
+        return super()._apply(fn, *args, **kwargs)
+
+    def __getstate__(self):  # copy.deepcopy, pickling: a copy binds its own weights on its first step
+        state = super().__getstate__()
+        state["_native_step"] = None
+        return state
+
+    def _native_binding(self):
+        """The ``LlamaStep`` of the current weights (rebuilt when a weight's storage changed), or None where the
+        native kernels cannot be built or the weights are not CPU tensors of a dtype it takes."""
+        bound = getattr(self, "_native_step", None)
+        if bound is not None:
+            step, params, ptrs = bound
+            if step is None or [p.data_ptr() for p in params] == ptrs:
+                return step
+        layers, params = [], []
+        for i, layer in enumerate(self.model.layers):
+            att, mlp = layer.self_attn, layer.mlp
+            parts = dict(ln1=layer.input_layernorm.weight, wqkv=att.qkv_proj.weight, bqkv=att.qkv_proj.bias,
+                         wo=att.o_proj.weight, bo=att.o_proj.bias, ln2=layer.post_attention_layernorm.weight,
+                         wgu=mlp.gate_up_proj.weight, bgu=mlp.gate_up_proj.bias, wdown=mlp.down_proj.weight,
+                         bdown=mlp.down_proj.bias)
+            params += [t for t in parts.values() if t is not None]
+            layers.append(dict(parts, window=self.config.window(i)))
+        params += [self.model.norm.weight, self.lm_head.weight]
+        cfg = self.config
+        try:
+            step = LlamaStep([{k: (v.detach() if isinstance(v, torch.Tensor) else v) for k, v in d.items()}
+                              for d in layers], self.model.norm.weight.detach(), self.lm_head.weight.detach(),
+                             num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
+                             eps=cfg.norm_eps, scale=self.model.layers[0].self_attn.scale)
+        except (RuntimeError, TypeError, ValueError):  # no compiler, a device or dtype it does not take
+            step = None
+        self._native_step = (step, params, [p.data_ptr() for p in params])
+        return step
+
+    def _native_decode(self, batch: StepBatch, cache):
+        """Logits of a pure decode step through the native step, or None where it does not take the step."""
+        md, t = batch.paged, batch.input_ids.shape[0]
+        if md is None or len(md.decode) != t or md.decode_q_rows is not None or batch.logits_indices.shape[0] != t \
+                or batch.input_ids.device.type != "cpu":
+            return None
+        step = self._native_binding()
+        kv = getattr(cache, "kv", None)
+        if step is None or kv is None or not step.supports(t, kv) or (md.num_blocks, md.block_size) != kv.shape[2:4]:
+            return None
+        slots = batch.slot_mapping
+        if t and (int(slots.min()) < 0 or int(slots.max()) >= kv.shape[2] * kv.shape[3]):
+            raise ValueError(f"slot_mapping out of range: the pool has {kv.shape[2] * kv.shape[3]} slots, got "
+                             f"{slots.tolist()}")
+        x = self.model.embed_tokens(batch.input_ids).contiguous()
+        cos, sin = rope_cos_sin(batch.positions, self.inv_freq, x.dtype)
+        return step.run(x, cos, sin, slots, kv, md.decode_table, md.decode_ranges)
+
+    def forward_layers(self, batch: StepBatch, cache) -> torch.Tensor:
+        """The step layer by layer from Python (any batch; the reference of the native decode step)."""
         x = self.model.embed_tokens(batch.input_ids)
         cos, sin = rope_cos_sin(batch.positions, self.inv_freq, x.dtype)
         if batch.streaming is not None:

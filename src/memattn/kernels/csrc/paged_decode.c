@@ -26,13 +26,14 @@
  *
  * Work: items are (sequence, split); a split is a run of blocks of one sequence, so a few long
  * sequences still keep every thread busy (flash-decoding). Each item writes a partial (m, l, acc); a
- * second pass merges the splits of each (sequence, head). Threads take items from an atomic counter.
+ * second pass merges the splits of each (sequence, head). The items run on pool.c's threads.
  */
 #include <math.h>
-#include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include "native.h"
 
 /* Blocks ahead whose loads are issued in software (0: none); the pool order of blocks is random. */
 #ifndef PREFETCH
@@ -343,7 +344,6 @@ typedef struct {
     float scale, softcap;
     float *part_acc, *part_m, *part_l; /* (B, H, nsplit, D), (B, H, nsplit) x 2 */
     int64_t n_items;
-    int64_t next; /* atomic work counter */
     int failed;   /* set by an item whose scratch allocation failed */
 } job_t;
 
@@ -505,15 +505,7 @@ out:
     free(qs); free(acc); free(s); free(m); free(l); free(slope); free(qk); free(qz); free(zb);
 }
 
-static void *worker(void *arg) {
-    job_t *J = (job_t *)arg;
-    for (;;) {
-        int64_t item = __atomic_fetch_add(&J->next, 1, __ATOMIC_RELAXED);
-        if (item >= J->n_items) break;
-        run_item(J, item);
-    }
-    return NULL;
-}
+static void item_fn(void *J, int64_t item) { run_item((const job_t *)J, item); }
 
 /* Merge the nsplit partial results of every (sequence, head) into out and lse. */
 static void merge_splits(const job_t *J, float *out, float *lse) {
@@ -559,23 +551,13 @@ int paged_decode_quant(int dtype, const float *q, const void *kc, const void *vc
     if (dtype >= DT_I8 && (!ks || !vs || (dtype >= DT_U4 && (!kz || !vz)))) return 1;
     job_t J = {q, slopes, (const char *)kc, (const char *)vc, ks, kz, vs, vz, rk, rv, rmap, table, lens, starts,
                B, H, Hkv, D, bs, table_width, nsplit, blocks_per_split, dtype, scale, softcap, NULL, NULL, NULL,
-               B * nsplit, 0, 0};
+               B * nsplit, 0};
     J.part_acc = (float *)malloc((size_t)(B * H * nsplit * D) * sizeof(float) + 1);
     J.part_m = (float *)malloc((size_t)(B * H * nsplit) * sizeof(float) + 1);
     J.part_l = (float *)malloc((size_t)(B * H * nsplit) * sizeof(float) + 1);
     int rc = 0;
     if (!J.part_acc || !J.part_m || !J.part_l) { rc = 2; goto done; }
-    if (nthreads > J.n_items) nthreads = (int)J.n_items;
-    if (nthreads < 1) nthreads = 1;
-    pthread_t tid[256];
-    if (nthreads > 256) nthreads = 256;
-    int started = 0;
-    for (int t = 1; t < nthreads; t++) {
-        if (pthread_create(&tid[started], NULL, worker, &J) != 0) break;
-        started++;
-    }
-    worker(&J);
-    for (int t = 0; t < started; t++) pthread_join(tid[t], NULL);
+    parallel_for(item_fn, &J, J.n_items, nthreads);  /* pool.c's persistent threads */
     if (J.failed) { rc = 2; goto done; }
     merge_splits(&J, out, lse);
 done:
