@@ -164,7 +164,9 @@ class LlamaForCausalLM(nn.Module):
     def _native_decode(self, batch: StepBatch, cache):
         """Logits of a pure decode step through the native step, or None where it does not take the step."""
         md, t = batch.paged, batch.input_ids.shape[0]
-        if md is None or len(md.decode) != t or md.decode_q_rows is not None or batch.logits_indices.shape[0] != t \
+        # StreamingLLM (batch.window, batch.streaming: engine.streaming) runs layer by layer: its window and sink
+        # part are applied per layer from Python
+        if batch.window is not None or batch.streaming is not None or md is None or len(md.decode) != t or md.decode_q_rows is not None or batch.logits_indices.shape[0] != t \
                 or batch.input_ids.device.type != "cpu":
             return None
         step = self._native_binding()
