@@ -1,0 +1,43 @@
+"""The table of fuzzed entry points: name -> ``Entry(cases, check)``.
+
+``cases`` is a hypothesis strategy of plain-data cases (dicts), ``check(case)`` runs the case in the worker
+and raises ``contract.Failure`` on a violation. Adding an entry point (or a variant of one: a decode kernel, a
+KV storage format, a score option) is one row here; see the module docstrings of ``dense`` and ``others``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from hypothesis import strategies as st
+
+from . import dense, others
+
+
+@dataclass(frozen=True)
+class Entry:
+    name: str
+    cases: st.SearchStrategy
+    check: Callable[[dict], None]
+    quick: int = 12       # examples in the quick profile (make test)
+    long: int = 500       # examples in the long profile (make fuzz)
+
+
+def _dense(name, method, backend=None, dtypes=tuple(dense.DTYPES), quick=12, long=500):
+    call = dense.attention_call(method, backend)
+    return Entry(name, dense.attention_cases(dtypes=dtypes), lambda case: dense.run_attention(case, call),
+                 quick=quick, long=long)
+
+
+ROWS = [
+    _dense("attention[auto]", "auto", quick=25),
+    _dense("attention[standard]", "standard"),
+    _dense("attention[checkpoint]", "checkpoint"),
+    _dense("attention[blockwise]", "blockwise", quick=25),
+    _dense("attention[blockwise,torch]", "blockwise", backend="torch"),
+    # Triton under its interpreter (CPU): slow per case, so its cases stay few in the quick profile
+    _dense("attention[blockwise,triton]", "blockwise", backend="triton",
+           dtypes=("float16", "bfloat16", "float32"), quick=4),
+    *others.ROWS(Entry),
+]
+ENTRIES = {e.name: e for e in ROWS}
