@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from ._finite import masked_matmul
 from ._validate import check_dense_qkv, check_window, resolve_scale
 
 
@@ -33,17 +34,21 @@ def attention(q, k, v, *, mask=None, bias=None, softmax_scale=None, softcap=0.0,
         v = v.repeat_interleave(h // hkv, dim=2)
     s = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale
     if softcap:
+        if mask is not None:  # a masked NaN score must not reach tanh's gradient (0 * NaN there is NaN)
+            s = s.masked_fill(~mask, 0.0)
         s = softcap * torch.tanh(s / softcap)
     if bias is not None:
         s = s + bias.to(s.dtype)
     if mask is not None:
         s = s.masked_fill(~mask, float("-inf"))
-    m = s.amax(dim=-1, keepdim=True)
+    # no key at all (Sk = 0): the max of nothing is taken as 0, like that of a fully masked row
+    m = s.amax(dim=-1, keepdim=True) if s.shape[-1] else s.new_zeros(*s.shape[:-1], 1)
     m = torch.where(torch.isneginf(m), torch.zeros_like(m), m).detach()
     p = torch.exp(s - m)
     denom = p.sum(dim=-1, keepdim=True)
     p = p / torch.where(denom == 0, torch.ones_like(denom), denom)
-    out = torch.einsum("bhqk,bkhd->bqhd", p, v)
+    # a masked key's value contributes nothing, even a NaN or inf one (0 * NaN would leak it)
+    out = masked_matmul(p, mask, v.transpose(1, 2)).transpose(1, 2)
     if not return_lse:
         return out
     lse = (m + torch.log(denom)).squeeze(-1)

@@ -76,7 +76,8 @@ def _pattern(t):
     return torch.isnan(t), torch.isposinf(t), torch.isneginf(t)
 
 
-def compare(name, ours, ref64, naive, *, floor, factor=2.0, nan_only_pattern=False):
+def compare(name, ours, ref64, naive, *, floor, factor=2.0, nan_only_pattern=False, lse=False,
+            within_pattern=False, inf_may_be_nan=False):
     """One output against the float64 reference.
 
     - shapes must agree (empty in, empty out);
@@ -86,8 +87,13 @@ def compare(name, ours, ref64, naive, *, floor, factor=2.0, nan_only_pattern=Fal
       error taken over entries where naive and ref64 are both finite; where the naive run in T overflowed
       (non-finite where the rounded reference is finite), the naive term is dropped: ours is held to the
       float64 reference rounded to T, within the floor.
-    nan_only_pattern: compare only where ref64 is NaN, and require ours finite elsewhere (gradients of a NaN
-    query row: inf/-inf in a reference gradient come from inf * 0 products that no tiled path reproduces).
+    nan_only_pattern: compare only which entries are finite (gradients of a NaN query row: whether a NaN
+    product there shows as NaN or inf depends on the order of the sums). lse: +inf and NaN are one class.
+    within_pattern: ours may be non-finite only where ref64 is (dk, dv of a NaN query row: the reference's
+    p_ij = exp(-inf - NaN) is NaN for keys the row cannot see too, so its NaN columns are a superset).
+    inf_may_be_nan: an inf input a row sees through a weight that underflows in the path's precision (an
+    ALiBi distance, a merge of partial results) gives 0 * inf = NaN where the float64 reference's weight
+    stays positive and gives inf: both are accepted where the reference is +-inf. Finite stays finite.
     """
     if tuple(ours.shape) != tuple(ref64.shape):
         wrong(f"{name}: shape {tuple(ours.shape)} != reference {tuple(ref64.shape)}")
@@ -95,13 +101,23 @@ def compare(name, ours, ref64, naive, *, floor, factor=2.0, nan_only_pattern=Fal
         return
     ours = ours.detach()
     ref_t = ref64.detach().to(ours.dtype)
-    if nan_only_pattern:
-        want, got = torch.isnan(ref64), ~torch.isfinite(ours)
+    if within_pattern:
+        want, got = ~torch.isfinite(ref64), ~torch.isfinite(ours)
+        if bool((got & ~want).any()):
+            bad = (got & ~want).nonzero()[:4].tolist()
+            wrong(f"{name}: non-finite where the reference is finite, at {bad}")
+        finite = ~want & ~got
+    elif nan_only_pattern:
+        want, got = ~torch.isfinite(ref64), ~torch.isfinite(ours)
         if not torch.equal(want, got):
             bad = (want != got).nonzero()[:4].tolist()
-            wrong(f"{name}: non-finite pattern differs from the reference's NaN pattern at {bad}")
+            wrong(f"{name}: non-finite pattern differs from the reference's at {bad}")
         finite = ~want
     else:
+        if lse:  # +inf or NaN: both say "undefined" (a +inf score: out is NaN either way)
+            ours, ref_t = (torch.where(torch.isposinf(t), float("nan"), t) for t in (ours, ref_t))
+        if inf_may_be_nan:  # where the reference is +-inf, NaN is accepted too (see the docstring)
+            ours = torch.where(torch.isnan(ours) & torch.isinf(ref_t), ref_t, ours)
         for what, a, r in zip(("NaN", "+inf", "-inf"), _pattern(ours), _pattern(ref_t)):
             if not torch.equal(a, r):
                 bad = (a != r).nonzero()[:4].tolist()

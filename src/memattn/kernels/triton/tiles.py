@@ -30,8 +30,10 @@ def interpreting() -> bool:
 
 
 def available(q: torch.Tensor) -> bool:
-    """True where these kernels can run q: CUDA tensors, or any CPU tensor under the interpreter."""
-    return q.dtype in SUPPORTED_DTYPES and (q.is_cuda or (interpreting() and q.device.type == "cpu"))
+    """True where these kernels can run q: CUDA tensors, or CPU tensors under the interpreter except bfloat16
+    (the interpreter runs on numpy, which has no bfloat16: its loads come back garbled, so it is refused)."""
+    return q.dtype in SUPPORTED_DTYPES and (q.is_cuda or (interpreting() and q.device.type == "cpu"
+                                                          and q.dtype != torch.bfloat16))
 
 
 def _unit_last(x):
