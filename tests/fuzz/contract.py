@@ -45,16 +45,24 @@ def names_argument(message: str, names) -> bool:
     return any(re.search(rf"(?<![A-Za-z0-9_]){re.escape(n)}(?![A-Za-z0-9_])", message) for n in names)
 
 
-def classify_error(exc: BaseException, expect) -> tuple[str, str]:
+_SIGNATURE = re.compile(r"unexpected keyword argument|missing \d+ required|takes \d+ positional")
+
+
+def classify_error(exc: BaseException, expect, allowed_named=()) -> tuple[str, str]:
     """An exception a case raised -> (kind, message).
 
     expect: the argument names an invalid case corrupted (any may be named), or None for a valid case (which
     must not raise). Allowed: ValueError/TypeError (subclasses included) raised by memattn itself with one of
-    the names in its message; ``extra`` exception types a check declares (e.g. OutOfBlocksError) arrive here
+    the names in its message, or one of `allowed_named` (a documented error type) naming one; ``extra`` exception types a check declares (e.g. OutOfBlocksError) arrive here
     already filtered out."""
     msg = f"{type(exc).__name__}: {exc}"
+    if allowed_named and isinstance(exc, allowed_named) and expect is not None:
+        return (OK, "") if names_argument(str(exc), expect) else (UNCLEAR, f"message names none of {list(expect)}: {msg}")
     if not isinstance(exc, (ValueError, TypeError)):
         return UNCLEAR, f"not a ValueError/TypeError: {msg}\n{_where(exc)}"
+    if isinstance(exc, TypeError) and _SIGNATURE.search(str(exc)) and expect is not None:
+        # Python's own check of a call against memattn's signature (an unknown keyword, a missing argument)
+        return (OK, "") if names_argument(str(exc), expect) else (UNCLEAR, f"message names none of {list(expect)}: {msg}")
     if not _raised_by_memattn(exc):
         return UNCLEAR, f"raised inside {_where(exc)} (not by memattn's validation): {msg}"
     if expect is None:

@@ -181,6 +181,11 @@ def _place_special(case, q, k, v, g):
     return tuple(t if i == which else x for i, x in enumerate((q, k, v)))
 
 
+def _options_of(case):
+    """The OPTIONS rows a case draws (an entry point without some keywords draws fewer)."""
+    return [o for o in OPTIONS if KEYS.get(o.name, o.name) in case]
+
+
 def build(case):
     """Tensors and keyword arguments of one case: (q, k, v, kwargs, dims). Inputs are leaves with
     requires_grad as the case says."""
@@ -194,7 +199,7 @@ def build(case):
         q, k, v = _place_special(case, q, k, v, g)
     dims = dict(b=b, sq=sq, sk=sk, h=h, hkv=hkv, d=d)
     kwargs = {"causal": case["causal"], "return_lse": case["return_lse"]}
-    for o in OPTIONS:
+    for o in _options_of(case):
         kwargs.update(o.kwargs(case, case[KEYS.get(o.name, o.name)], dims))
     return q, k, v, kwargs, dims
 
@@ -203,9 +208,9 @@ def reference_of(case, q, k, v, dims, dtype=torch.float64):
     """The reference in `dtype` (float64: the oracle; q's dtype: naive_T), out and lse, differentiable."""
     mask = torch.ones(1, 1, dims["sq"], dims["sk"], dtype=torch.bool)
     bias, extra = None, {}
-    if case["causal"] and case["window"] == (-1, -1):  # causal alone: window_size's rule with (-1, 0)
+    if case["causal"] and case.get("window", (-1, -1)) == (-1, -1):  # causal alone: window_size's rule, (-1, 0)
         mask, bias, _ = _window_mask(case, (-1, 0), dims, mask, bias)
-    for o in OPTIONS:
+    for o in _options_of(case):
         mask, bias, more = o.apply(case, case[KEYS.get(o.name, o.name)], dims, mask, bias)
         extra.update(more)
     return reference.attention(q.to(dtype), k.to(dtype), v.to(dtype), mask=mask, bias=bias,
@@ -264,7 +269,7 @@ def _leaves(case, q, k, v):
     return ours, hi, ours, picked
 
 
-def run_attention(case, call, materialised=False):
+def run_attention(case, call, materialised=False, allowed_named=()):
     """The contract of one dense case; call(q, k, v, kwargs, method) runs ours and returns (out, lse).
     materialised: ours stores its scores in q's dtype (see ``_floors``)."""
     q, k, v, kwargs, dims = build(case)
@@ -273,7 +278,7 @@ def run_attention(case, call, materialised=False):
         try:
             call(q, k, v, kwargs, method)
         except Exception as e:  # noqa: BLE001 -- classified below
-            kind, msg = classify_error(e, INVALID[case["invalid"]])
+            kind, msg = classify_error(e, INVALID[case["invalid"]], allowed_named)
             if kind != OK:
                 raise Failure(kind, msg) from None
             return
@@ -296,9 +301,9 @@ def _score_rounding(case, q, k, dims) -> float:
     (Cauchy-Schwarz), at most softcap when capped, plus the largest ALiBi bias."""
     u = torch.finfo(q.dtype).eps / 2 if q.dtype != torch.float64 else 0.0
     s = dims["d"] ** -0.5 * max_row_norm(q) * max_row_norm(k)
-    if case["softcap"]:
+    if case.get("softcap"):
         s = min(s, case["softcap"])
-    if case["alibi"] and dims["sq"] and dims["sk"]:
+    if case.get("alibi") and dims["sq"] and dims["sk"]:
         s += max(dims["sq"], dims["sk"])
     return u * s
 
