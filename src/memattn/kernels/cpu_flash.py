@@ -15,8 +15,8 @@ Quirks handled here (seen on torch 2.13):
 - an empty tile (no query, no key, batch or heads 0) kills the process with SIGFPE (the kernel divides
   by the length): ``tile_forward`` / ``tile_backward`` answer those themselves, never calling it.
 - a row whose scores are all NaN (a NaN in its query) comes back as out 0, lse 0, as if fully masked;
-  and an additive -inf mask does not hide a NaN/inf key or value (NaN + -inf is NaN, 0 * inf is NaN).
-  Such tiles (lse exactly 0 on a row that sees a key; a masked tile holding a non-finite key or value)
+  and an additive -inf mask does not hide a NaN/inf query, key or value (inf + -inf is NaN, 0 * inf is NaN).
+  Such tiles (lse exactly 0 on a row that sees a key; a masked tile holding a non-finite input)
   are recomputed by the torch tile, which follows the reference there.
 """
 from __future__ import annotations
@@ -67,9 +67,9 @@ def _empty(q, k) -> bool:
     return q.shape[0] == 0 or q.shape[1] == 0 or k.shape[1] == 0 or q.shape[2] == 0
 
 
-def _hides_nonfinite(k, v, mask, causal) -> bool:
-    """A masked tile with a NaN/inf key or value: the additive mask cannot hide it (see the module notes)."""
-    return (mask is not None or causal) and has_nonfinite(k, v)
+def _hides_nonfinite(q, k, v, mask, causal) -> bool:
+    """A masked tile with a NaN/inf query, key or value: the additive mask cannot hide it (module notes)."""
+    return (mask is not None or causal) and has_nonfinite(q, k, v)
 
 
 def tile_forward(q, k, v, *, scale, mask=None, bias=None, softcap=0.0, causal=False):
@@ -82,7 +82,7 @@ def tile_forward(q, k, v, *, scale, mask=None, bias=None, softcap=0.0, causal=Fa
         return (torch.zeros((b, tq, h, v.shape[-1]), dtype=cd, device=q.device),
                 torch.full((b, h, tq), float("-inf"), dtype=cd, device=q.device))
     kw = dict(scale=scale, mask=mask, bias=bias, causal=causal)
-    if _hides_nonfinite(k, v, mask, causal):
+    if _hides_nonfinite(q, k, v, mask, causal):
         return torch_tiles.tile_forward(q, k, v, **kw)
     add = _additive(mask, bias, q.dtype)
     o, lse = _aten_forward(_bhsd(q), _bhsd(k), _bhsd(v), scale, add, causal)
@@ -104,7 +104,7 @@ def tile_backward(dout, q, k, v, out, lse, delta, *, scale, mask=None, bias=None
         cd = compute_dtype(q.dtype)
         return torch.zeros(q.shape, dtype=cd, device=q.device), torch.zeros(k.shape, dtype=cd, device=k.device), \
             torch.zeros(v.shape, dtype=cd, device=v.device)
-    if _hides_nonfinite(k, v, mask, causal) or has_nonfinite(lse[~torch.isneginf(lse)]):
+    if _hides_nonfinite(q, k, v, mask, causal) or has_nonfinite(lse[~torch.isneginf(lse)]):
         delta = (dout.to(compute_dtype(q.dtype)) * out.to(compute_dtype(q.dtype))).sum(-1).transpose(1, 2)
         return torch_tiles.tile_backward(dout, q, k, v, out, lse, delta, scale=scale, mask=mask, bias=bias,
                                          causal=causal)

@@ -100,8 +100,10 @@ def tile_backward(dout, q, k, v, out, lse, delta, *, scale, mask=None, bias=None
     lse = lse.to(cd)
     lse_safe = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
     p = torch.exp(s - lse_safe.unsqueeze(-1))  # masked scores are -inf -> p = 0
+    unseen = None
     if has_nonfinite(lse_safe):  # a NaN row: exp(-inf - NaN) is NaN, yet a key it cannot see gets no gradient
-        p = p.masked_fill(torch.isneginf(s), 0.0)
+        unseen = torch.isneginf(s)
+        p = p.masked_fill(unseen, 0.0)
     b, tq, h, d = q.shape
     tk, hkv = k.shape[1], k.shape[2]
     g = h // hkv
@@ -110,6 +112,8 @@ def tile_backward(dout, q, k, v, out, lse, delta, *, scale, mask=None, bias=None
     dv = torch.einsum("bhgqk,bqhgd->bkhd", p5, do5)
     dp = _as_heads(torch.einsum("bqhgd,bkhd->bhgqk", do5, v.to(cd)), h)
     ds = p * (dp - delta.to(cd).unsqueeze(-1))
+    if unseen is not None:  # and 0 * (dp - NaN delta) must stay 0 there
+        ds = ds.masked_fill(unseen, 0.0)
     if t is not None:
         ds = ds * (1 - t * t)  # d/dx [c * tanh(x / c)] = 1 - tanh^2
     ds5 = ds.reshape(b, hkv, g, tq, tk)
