@@ -139,6 +139,9 @@ CASES = [
     # an inf query in a masked tile: inf + -inf under the fused kernel's additive mask
     ("attention[auto]", dict(_BASE, sq=5, sk=8, d=256, dtype="float32", seed=5754, special="inf_q", causal=False,
                              grad="kv", window=(3, 2), kpm=671, dense_mask=122, alibi=True)),
+    # a masked NaN query row under softcap: 0 * tanh'(NaN) made its dq NaN in the torch tile's backward
+    ("attention[auto]", dict(_BASE, b=2, sq=33, sk=1, d=128, dtype="float32", seed=831710, special="nan_q_row",
+                             causal=True, grad="q", kpm=902, softcap=5.0)),
     # every sequence with 0 queries: out.view(b, 0, h, -1) in paged_attention
     ("paged_attention[gather]", {"ctx": [0, 0, 0], "lq": [0, 0, 0], "block_size": 1, "extra_blocks": 0,
                                  "repeat_ids": False, "hkv": 1, "h": 1, "d": 1, "dtype": "float16", "causal": True,
@@ -166,6 +169,16 @@ CASES = [
 @pytest.mark.parametrize("name,case", CASES, ids=[f"{n}-{i}" for i, (n, _) in enumerate(CASES)])
 def test_fuzzer_falsifying_example(name, case):
     ENTRIES[name].check(case)
+
+
+def test_triton_tile_masked_nan_value_does_not_leak():
+    """The Triton tile's masked products (0 * NaN) leaked a NaN value into rows that cannot see it."""
+    from memattn.kernels import triton_installed, triton_tiles
+    if not triton_installed() or not triton_tiles().interpreting():
+        pytest.skip("needs triton under TRITON_INTERPRET=1 (CPU)")
+    ENTRIES["attention[blockwise/triton]"].check(dict(
+        _BASE, b=2, sq=5, sk=3, d=256, dtype="float16", seed=554815, layout="sliced", special="nan_v", causal=True,
+        block_size=16, window=(2, -1), softcap=5.0))
 
 
 def test_triton_interpreter_refuses_bfloat16():

@@ -13,8 +13,16 @@ import torch
 
 
 def has_nonfinite(*tensors) -> bool:
-    """True if any of the tensors holds a NaN or an inf (empty tensors hold none)."""
-    return any(t is not None and t.numel() and not bool(torch.isfinite(t).all()) for t in tensors)
+    """True if any of the tensors holds a NaN or an inf (empty tensors hold none).
+
+    One reduction per tensor (a sum is NaN or inf iff a term is, or if finite terms overflow it: then the
+    answer is a harmless True, whose callers take their exact slow path), cheaper than isfinite().all()."""
+    for t in tensors:
+        if t is not None and t.numel():
+            acc = torch.float64 if t.dtype == torch.float64 else torch.float32
+            if not bool(torch.isfinite(t.sum(dtype=acc))):
+                return True
+    return False
 
 
 def masked_matmul(p: torch.Tensor, visible: torch.Tensor | None, v: torch.Tensor) -> torch.Tensor:

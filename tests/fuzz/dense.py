@@ -8,6 +8,7 @@ adding one (e.g. ``sinks=``) is one ``Option`` row, its strategy and its effect 
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -296,16 +297,20 @@ def run_attention(case, call, materialised=False, allowed_named=()):
     _check_grads_and_out(case, out, ref64, naive, ours_in, hi, lo, picked, dims, materialised)
 
 
-def _score_rounding(case, q, k, dims) -> float:
-    """The largest error of a score stored in q's dtype: u(T) * max|score|, |score| <= scale |q_i| |k_j|
-    (Cauchy-Schwarz), at most softcap when capped, plus the largest ALiBi bias."""
-    u = torch.finfo(q.dtype).eps / 2 if q.dtype != torch.float64 else 0.0
+def _max_score(case, q, k, dims) -> float:
+    """A bound on |score|: scale |q_i| |k_j| (Cauchy-Schwarz), at most softcap when capped, plus the largest
+    ALiBi bias."""
     s = dims["d"] ** -0.5 * max_row_norm(q) * max_row_norm(k)
     if case.get("softcap"):
         s = min(s, case["softcap"])
     if case.get("alibi") and dims["sq"] and dims["sk"]:
         s += max(dims["sq"], dims["sk"])
-    return u * s
+    return s
+
+
+def _score_rounding(case, q, k, dims) -> float:
+    """The largest error of a score stored in q's dtype: u(T) * max|score| (0 in float64)."""
+    return (torch.finfo(q.dtype).eps / 2 if q.dtype != torch.float64 else 0.0) * _max_score(case, q, k, dims)
 
 
 def _floors(case, q, k, v, dims, dout=None, materialised=False):
@@ -313,6 +318,16 @@ def _floors(case, q, k, v, dims, dout=None, materialised=False):
     rounding d carried through the softmax: lse by d, out by 2 Mv d, the gradients as ``attention_floors``'
     "*_alone" entries carry the lse floor (P moves by a relative 2 d)."""
     f = attention_floors(q, k, v, dout, keys=max(1, dims["sk"]))
+    if dout is not None and not materialised:
+        # a flash backward recomputes P = exp(s - lse) from the lse it saved in float32 (float64 for float64):
+        # lse rounded there moves every P of the row by a relative u * |lse| (|lse| <= max|score| + log Sk),
+        # which the naive backward (P from its softmax) does not see; carried as attention_floors carries
+        # its lse floor into the "*_alone" entries
+        u = torch.finfo(torch.float64 if q.dtype == torch.float64 else torch.float32).eps / 2
+        d = u * (_max_score(case, q, k, dims) + math.log(max(2, dims["sk"])))
+        base = attention_floors(q, k, v, dout, keys=max(1, dims["sk"]))
+        for g in ("dq", "dk", "dv"):
+            f[g] += (base[g + "_alone"] - base[g]) * (d / base["lse"] if base["lse"] else 0.0)
     if materialised:
         d = _score_rounding(case, q, k, dims)
         base = attention_floors(q, k, v, dout, keys=max(1, dims["sk"]))

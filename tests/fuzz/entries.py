@@ -23,10 +23,10 @@ class Entry:
     long: int = 500       # examples in the long profile (make fuzz)
 
 
-def _dense(name, method, backend=None, dtypes=tuple(dense.DTYPES), quick=12, long=500):
+def _dense(name, method, backend=None, dtypes=tuple(dense.DTYPES), quick=12, long=500, block_sizes=None):
     call = dense.attention_call(method, backend)
     materialised = method in ("standard", "checkpoint")  # scores stored in q's dtype
-    return Entry(name, dense.attention_cases(dtypes=dtypes),
+    return Entry(name, dense.attention_cases(dtypes=dtypes, block_sizes=block_sizes),
                  lambda case: dense.run_attention(case, call, materialised), quick=quick, long=long)
 
 
@@ -38,7 +38,9 @@ ROWS = [
     _dense("attention[blockwise/torch]", "blockwise", backend="torch"),
     # Triton under its interpreter (CPU): slow per case, so its cases stay few in the quick profile; no
     # bfloat16 there (numpy has none: refused, see kernels/triton/tiles.available)
-    _dense("attention[blockwise/triton]", "blockwise", backend="triton", dtypes=("float16", "float32"), quick=4),
+    # (and tiles of 16 or more: 1-row tiles of 70 x 70 take minutes there)
+    _dense("attention[blockwise/triton]", "blockwise", backend="triton", dtypes=("float16", "float32"), quick=4,
+           block_sizes=[None, None, 16, 64]),
     *others.ROWS(Entry),
 ]
 ENTRIES = {e.name: e for e in ROWS}

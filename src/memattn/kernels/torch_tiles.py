@@ -116,6 +116,8 @@ def tile_backward(dout, q, k, v, out, lse, delta, *, scale, mask=None, bias=None
         ds = ds.masked_fill(unseen, 0.0)
     if t is not None:
         ds = ds * (1 - t * t)  # d/dx [c * tanh(x / c)] = 1 - tanh^2
+        if has_nonfinite(t):  # tanh(NaN) of a masked score: 0 * NaN must stay 0 where the row cannot see
+            ds = ds.masked_fill(torch.isneginf(s), 0.0)
     ds5 = ds.reshape(b, hkv, g, tq, tk)
     dq = torch.einsum("bhgqk,bkhd->bqhgd", ds5, k.to(cd)).reshape(b, tq, h, d) * scale
     dk = torch.einsum("bhgqk,bqhgd->bkhd", ds5, _grouped(q, hkv).to(cd)) * scale
