@@ -160,6 +160,8 @@ CASES = [
                                   "slot_dtype": "int64", "bad_shape": False, "seed": 14650}),
     # memattn masks show "causal(3)": Python's TypeError without the spec
     ("masks+masks_show", {"spec": "causal(3)", "seq_len": 16, "block": 0, "seed": 69136}),
+    # global_tokens('a'): torch.as_tensor's "too many dimensions 'str'"
+    ("masks+masks_show", {"spec": "global_tokens('a')", "seq_len": 1, "block": 1, "seed": 0}),
     # memory.estimate(seqlen=None): int(None) inside
     ("memory.estimate", {"method": "window", "batch": 7, "seqlen": None, "heads": -1, "head_dim": 10**12,
                          "dtype": "bfloat16", "backward": False, "layers": 10**12, "block_size": 1024, "threads": 4}),

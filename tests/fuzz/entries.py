@@ -19,11 +19,11 @@ class Entry:
     name: str
     cases: st.SearchStrategy
     check: Callable[[dict], None]
-    quick: int = 12       # examples in the quick profile (make test)
+    quick: int = 25       # examples in the quick profile (make test)
     long: int = 500       # examples in the long profile (make fuzz)
 
 
-def _dense(name, method, backend=None, dtypes=tuple(dense.DTYPES), quick=12, long=500, block_sizes=None):
+def _dense(name, method, backend=None, dtypes=tuple(dense.DTYPES), quick=25, long=500, block_sizes=None):
     call = dense.attention_call(method, backend)
     materialised = method in ("standard", "checkpoint")  # scores stored in q's dtype
     return Entry(name, dense.attention_cases(dtypes=dtypes, block_sizes=block_sizes),
@@ -31,10 +31,10 @@ def _dense(name, method, backend=None, dtypes=tuple(dense.DTYPES), quick=12, lon
 
 
 ROWS = [
-    _dense("attention[auto]", "auto", quick=25),
+    _dense("attention[auto]", "auto", quick=50),
     _dense("attention[standard]", "standard"),
     _dense("attention[checkpoint]", "checkpoint"),
-    _dense("attention[blockwise]", "blockwise", quick=25),
+    _dense("attention[blockwise]", "blockwise", quick=50),
     _dense("attention[blockwise/torch]", "blockwise", backend="torch"),
     # Triton under its interpreter (CPU): slow per case, so its cases stay few in the quick profile; no
     # bfloat16 there (numpy has none: refused, see kernels/triton/tiles.available)

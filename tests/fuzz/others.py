@@ -869,23 +869,23 @@ def check_gguf(case):
 # ------------------------------------------------------------------------------------------ the rows
 
 def ROWS(Entry):
-    rows = [Entry("attention_varlen", varlen_cases(), check_varlen, quick=20)]
+    rows = [Entry("attention_varlen", varlen_cases(), check_varlen, quick=40)]
     for name, decode, dtypes, scores, options in PAGED_VARIANTS:
-        quick = 4 if decode == "triton" else 15
+        quick = 6 if decode == "triton" else 40
         rows.append(Entry(name, paged_cases(dtypes=dtypes, scores=scores), functools.partial(check_paged, decode=decode,
                                                                               options=options), quick=quick))
     rows += [
-        Entry("merge_attention", merge_cases(), check_merge, quick=20),
-        Entry("linear_attention", linear_cases(), check_linear, quick=20),
-        Entry("LinearAttentionState", linear_cases(), check_linear_state, quick=10),
-        Entry("ring_attention[world=1]", ring_cases(), check_ring, quick=10),
-        Entry("cache.KVCache/SlidingWindowKVCache", cache_cases(), check_cache, quick=20),
-        Entry("cache.PagedKVCache.write", paged_storage_cases(), check_paged_storage, quick=20),
-        Entry("cache.BlockManager", block_manager_cases(), check_block_manager, quick=20),
-        Entry("masks+masks_show", mask_cases(), check_mask, quick=20),
-        Entry("memory.estimate", estimate_cases(), check_estimate, quick=30),
-        Entry("cli.parse_args", cli_cases(), check_cli, quick=30),
-        Entry("SamplingParams+LLM.add_request", request_cases(), check_request, quick=20),
-        Entry("gguf.load_gguf[corrupted]", gguf_cases(), check_gguf, quick=8),
+        Entry("merge_attention", merge_cases(), check_merge, quick=40),
+        Entry("linear_attention", linear_cases(), check_linear, quick=40),
+        Entry("LinearAttentionState", linear_cases(), check_linear_state, quick=20),
+        Entry("ring_attention[world=1]", ring_cases(), check_ring, quick=20),
+        Entry("cache.KVCache/SlidingWindowKVCache", cache_cases(), check_cache, quick=40),
+        Entry("cache.PagedKVCache.write", paged_storage_cases(), check_paged_storage, quick=40),
+        Entry("cache.BlockManager", block_manager_cases(), check_block_manager, quick=40),
+        Entry("masks+masks_show", mask_cases(), check_mask, quick=40),
+        Entry("memory.estimate", estimate_cases(), check_estimate, quick=60),
+        Entry("cli.parse_args", cli_cases(), check_cli, quick=60),
+        Entry("SamplingParams+LLM.add_request", request_cases(), check_request, quick=40),
+        Entry("gguf.load_gguf[corrupted]", gguf_cases(), check_gguf, quick=16),
     ]
     return rows
