@@ -16,8 +16,8 @@ Quirks handled here (seen on torch 2.13):
   by the length): ``tile_forward`` / ``tile_backward`` answer those themselves, never calling it.
 - a row whose scores are all NaN (a NaN in its query) comes back as out 0, lse 0, as if fully masked;
   and an additive -inf mask does not hide a NaN/inf query, key or value (inf + -inf is NaN, 0 * inf is NaN).
-  Such tiles (lse exactly 0 on a row that sees a key; a masked tile holding a non-finite input)
-  are recomputed by the torch tile, which follows the reference there.
+  Such tiles (lse exactly 0 on a row that sees a key; a masked tile whose out holds NaN/inf, or whose
+  keys/values do in the backward) are recomputed by the torch tile, which follows the reference there.
 """
 from __future__ import annotations
 
@@ -67,9 +67,8 @@ def _empty(q, k) -> bool:
     return q.shape[0] == 0 or q.shape[1] == 0 or k.shape[1] == 0 or q.shape[2] == 0
 
 
-def _hides_nonfinite(q, k, v, mask, causal) -> bool:
-    """A masked tile with a NaN/inf query, key or value: the additive mask cannot hide it (module notes)."""
-    return (mask is not None or causal) and has_nonfinite(q, k, v)
+def _masked(mask, causal) -> bool:
+    return mask is not None or causal
 
 
 def tile_forward(q, k, v, *, scale, mask=None, bias=None, softcap=0.0, causal=False):
@@ -82,8 +81,6 @@ def tile_forward(q, k, v, *, scale, mask=None, bias=None, softcap=0.0, causal=Fa
         return (torch.zeros((b, tq, h, v.shape[-1]), dtype=cd, device=q.device),
                 torch.full((b, h, tq), float("-inf"), dtype=cd, device=q.device))
     kw = dict(scale=scale, mask=mask, bias=bias, causal=causal)
-    if _hides_nonfinite(q, k, v, mask, causal):
-        return torch_tiles.tile_forward(q, k, v, **kw)
     add = _additive(mask, bias, q.dtype)
     o, lse = _aten_forward(_bhsd(q), _bhsd(k), _bhsd(v), scale, add, causal)
     if mask is not None:
@@ -91,7 +88,10 @@ def tile_forward(q, k, v, *, scale, mask=None, bias=None, softcap=0.0, causal=Fa
         seen = visible.any(dim=-1)
         lse = torch.where(seen, lse, float("-inf"))
         o = torch.where(seen.unsqueeze(-1), o, 0.0)  # a fully masked row is 0 even with NaN in its query
-    if bool((lse == 0).any()):  # a seen row reported as unseen (all its scores NaN), or a true lse of 0
+    # A seen row reported as unseen (all its scores NaN; or a true lse of 0), or in a masked tile any NaN/inf
+    # in out (a non-finite input the additive mask may have leaked; checking the one output is cheaper than
+    # the three inputs): the torch tile recomputes it.
+    if bool((lse == 0).any()) or (_masked(mask, causal) and has_nonfinite(o)):
         return torch_tiles.tile_forward(q, k, v, **kw)
     return o.transpose(1, 2).to(cd), lse.to(cd)
 
@@ -104,7 +104,8 @@ def tile_backward(dout, q, k, v, out, lse, delta, *, scale, mask=None, bias=None
         cd = compute_dtype(q.dtype)
         return torch.zeros(q.shape, dtype=cd, device=q.device), torch.zeros(k.shape, dtype=cd, device=k.device), \
             torch.zeros(v.shape, dtype=cd, device=v.device)
-    if _hides_nonfinite(q, k, v, mask, causal) or has_nonfinite(lse[~torch.isneginf(lse)]):
+    # a NaN query row (its lse NaN), or a NaN/inf key or value a masked tile may leak into dq, dk, dv
+    if has_nonfinite(lse[~torch.isneginf(lse)]) or (_masked(mask, causal) and has_nonfinite(k, v)):
         delta = (dout.to(compute_dtype(q.dtype)) * out.to(compute_dtype(q.dtype))).sum(-1).transpose(1, 2)
         return torch_tiles.tile_backward(dout, q, k, v, out, lse, delta, scale=scale, mask=mask, bias=bias,
                                          causal=causal)

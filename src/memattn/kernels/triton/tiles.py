@@ -81,8 +81,9 @@ def _common(q, k, mask, bias):
 
 def _hides_nonfinite(q, k, v, mask, causal) -> bool:
     """A masked tile with a NaN/inf input: the kernel's masked products (0 * NaN) would leak it into rows that
-    cannot see it, so such (rare) tiles go to the torch tile, which follows the reference there."""
-    return (mask is not None or causal) and has_nonfinite(q, k, v)
+    cannot see it, so such (rare) tiles go to the torch tile, which follows the reference there. Checked under
+    the interpreter (CPU tensors) only: on CUDA the check would cost a host sync per tile."""
+    return not q.is_cuda and (mask is not None or causal) and has_nonfinite(q, k, v)
 
 
 def tile_forward(q, k, v, *, scale, mask=None, bias=None, softcap=0.0, causal=False):
