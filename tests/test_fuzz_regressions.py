@@ -142,6 +142,12 @@ CASES = [
     # a masked NaN query row under softcap: 0 * tanh'(NaN) made its dq NaN in the torch tile's backward
     ("attention[auto]", dict(_BASE, b=2, sq=33, sk=1, d=128, dtype="float32", seed=831710, special="nan_q_row",
                              causal=True, grad="q", kpm=902, softcap=5.0)),
+    # a fully masked NaN query row: NaN + -inf under the fused backward's additive mask reached dq and dv
+    ("attention[auto]", dict(_BASE, b=2, sq=13, sk=8, d=7, dtype="bfloat16", seed=326817980, special="nan_q",
+                             grad="qkv", block_size=16, window=(3, 2), dense_mask=65536, causal=False)),
+    # standard: softcap's tanh'(NaN) of a masked score reached dk of keys the NaN row cannot see
+    ("attention[standard]", dict(_BASE, sq=5, sk=8, h=3, d=512, dtype="bfloat16", seed=1716, special="nan_q",
+                                 causal=True, grad="qkv", kpm=3517, dense_mask=224, alibi=True, softcap=5.0)),
     # every sequence with 0 queries: out.view(b, 0, h, -1) in paged_attention
     ("paged_attention[gather]", {"ctx": [0, 0, 0], "lq": [0, 0, 0], "block_size": 1, "extra_blocks": 0,
                                  "repeat_ids": False, "hkv": 1, "h": 1, "d": 1, "dtype": "float16", "causal": True,

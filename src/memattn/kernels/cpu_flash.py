@@ -104,8 +104,8 @@ def tile_backward(dout, q, k, v, out, lse, delta, *, scale, mask=None, bias=None
         cd = compute_dtype(q.dtype)
         return torch.zeros(q.shape, dtype=cd, device=q.device), torch.zeros(k.shape, dtype=cd, device=k.device), \
             torch.zeros(v.shape, dtype=cd, device=v.device)
-    # a NaN query row (its lse NaN), or a NaN/inf key or value a masked tile may leak into dq, dk, dv
-    if has_nonfinite(lse[~torch.isneginf(lse)]) or (_masked(mask, causal) and has_nonfinite(k, v)):
+    # a NaN query row (its lse NaN), or a NaN/inf input a masked tile may leak into dq, dk, dv (NaN + -inf)
+    if has_nonfinite(lse[~torch.isneginf(lse)]) or (_masked(mask, causal) and has_nonfinite(q, k, v)):
         delta = (dout.to(compute_dtype(q.dtype)) * out.to(compute_dtype(q.dtype))).sum(-1).transpose(1, 2)
         return torch_tiles.tile_backward(dout, q, k, v, out, lse, delta, scale=scale, mask=mask, bias=bias,
                                          causal=causal)

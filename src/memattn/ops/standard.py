@@ -25,15 +25,17 @@ def standard_attention(q, k, v, spec: AttentionSpec, return_lse: bool = True):
     kh = k.transpose(1, 2).repeat_interleave(h // hkv, dim=1) if h != hkv else k.transpose(1, 2)
     vh = v.transpose(1, 2).repeat_interleave(h // hkv, dim=1) if h != hkv else v.transpose(1, 2)
     scores = qh @ kh.transpose(-1, -2)                                # (B, H, Sq, Sk)
+    mask = spec.mask.dense(sq, sk, q.device) if spec.mask is not None else None
     if spec.softcap:
+        if mask is not None:  # a masked NaN score must not reach tanh's gradient (0 * NaN there is NaN)
+            scores = scores.masked_fill(~mask, 0.0)
         # in float32, rounded once: three half-precision roundings here put it outside the FA rule
         scores = (spec.softcap * torch.tanh(scores.to(compute_dtype(scores.dtype)) / spec.softcap)).to(scores.dtype)
     bias = spec.dense_bias(sq, sk, q.device)
     if bias is not None:
         scores = scores + bias.to(scores.dtype)
-    visible_rows = mask = None
-    if spec.mask is not None:
-        mask = spec.mask.dense(sq, sk, q.device)
+    visible_rows = None
+    if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     if spec.mask is not None or has_nonfinite(q, k):
         # a row sees a key if some score is above -inf (an inf input can make a visible score -inf too)
