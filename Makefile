@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 
-.PHONY: demo test bench bench-real clean
+.PHONY: demo test fuzz bench bench-real clean
 
 $(VENV)/.base: requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,11 @@ demo: $(VENV)/.cli
 
 test: $(VENV)/.test
 	$(PY) -m pytest
+
+# The fuzzer's long profile (issue 15): >= 500 hypothesis cases per public entry point in a spawned worker;
+# prints and writes per entry point the cases tried, crashes, wrong answers and unclear errors.
+fuzz: $(VENV)/.test
+	cd tests && ../$(PY) -m fuzz.runner --profile long --json ../benchmarks/results/fuzz.json
 
 bench: $(VENV)/.test
 	$(PY) benchmarks/dense.py --json benchmarks/results/dense.json

@@ -39,7 +39,12 @@ def _build(node, spec):
             kwargs = {kw.arg: ast.literal_eval(kw.value) for kw in node.keywords}
         except ValueError:
             raise ValueError(f"mask spec {spec!r}: arguments of {node.func.id}() must be literals") from None
-        return FACTORIES[node.func.id](*args, **kwargs)
+        try:
+            return FACTORIES[node.func.id](*args, **kwargs)
+        except TypeError as e:  # a wrong argument count or name: Python's message, given the spec's context
+            if not str(e).startswith(f"{node.func.id}()"):
+                raise
+            raise ValueError(f"mask spec {spec!r}: {e}") from None
     raise ValueError(f"mask spec {spec!r}: unexpected {ast.unparse(node)!r}; use {', '.join(FACTORIES)} with & and |")
 
 

@@ -283,7 +283,12 @@ class GlobalTokensMask(Mask):
     """
 
     def __init__(self, indices):
-        idx = torch.as_tensor(list(indices), dtype=torch.int64)
+        items = list(indices) if not isinstance(indices, (str, bytes)) else [indices]
+        bad = [x for x in items if isinstance(x, bool) or not isinstance(x, int) and not (
+            isinstance(x, torch.Tensor) and x.dim() == 0 and not x.is_floating_point())]
+        if bad:
+            raise TypeError(f"global token indices must be ints, got {bad[:3]!r}")
+        idx = torch.as_tensor([int(x) for x in items], dtype=torch.int64)
         if idx.numel() and int(idx.min()) < 0:
             raise ValueError(f"global token indices must be >= 0, got min {int(idx.min())}")
         self.indices = torch.unique(idx)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from ._finite import masked_matmul
 from ._validate import check_dense_qkv, check_window, resolve_scale
 
 
@@ -35,20 +36,25 @@ def attention(q, k, v, *, mask=None, bias=None, softmax_scale=None, softcap=0.0,
         v = v.repeat_interleave(h // hkv, dim=2)
     s = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale
     if softcap:
+        if mask is not None:  # a masked NaN score must not reach tanh's gradient (0 * NaN there is NaN)
+            s = s.masked_fill(~mask, 0.0)
         s = softcap * torch.tanh(s / softcap)
     if bias is not None:
         s = s + bias.to(s.dtype)
     if mask is not None:
         s = s.masked_fill(~mask, float("-inf"))
-    if sinks is not None:  # the materialised sink: a score column with a zero value row
+    sk = s.shape[-1]
+    if sinks is not None:  # the materialised sink: one more score column, whose value row is zero
         s = torch.cat([s, sinks.to(s.dtype).view(1, -1, 1, 1).expand(*s.shape[:-1], 1)], dim=-1)
-        v = torch.cat([v, v.new_zeros(v.shape[0], 1, *v.shape[2:])], dim=1)
-    m = s.amax(dim=-1, keepdim=True)
+    # no key at all (Sk = 0): the max of nothing is taken as 0, like that of a fully masked row
+    m = s.amax(dim=-1, keepdim=True) if s.shape[-1] else s.new_zeros(*s.shape[:-1], 1)
     m = torch.where(torch.isneginf(m), torch.zeros_like(m), m).detach()
     p = torch.exp(s - m)
     denom = p.sum(dim=-1, keepdim=True)
     p = p / torch.where(denom == 0, torch.ones_like(denom), denom)
-    out = torch.einsum("bhqk,bkhd->bqhd", p, v)
+    # a masked key's value contributes nothing, even a NaN or inf one (0 * NaN would leak it)
+    # (the sink column, if any, is left out: its value row is zero)
+    out = masked_matmul(p[..., :sk], mask, v.transpose(1, 2)).transpose(1, 2)
     if not return_lse:
         return out
     lse = (m + torch.log(denom)).squeeze(-1)

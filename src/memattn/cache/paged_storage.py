@@ -123,6 +123,8 @@ class PagedKVCache:
         """
         if not isinstance(slot_mapping, torch.Tensor) or slot_mapping.dtype not in (torch.int32, torch.int64):
             raise TypeError("slot_mapping must be an int32 or int64 tensor")
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < self.num_layers:
+            raise ValueError(f"layer must be an int in [0, {self.num_layers}), got {layer!r}")
         want = (slot_mapping.shape[0], self.kv_heads, self.head_dim)
         if slot_mapping.dim() != 1 or tuple(k.shape) != want or tuple(v.shape) != want:
             raise ValueError(f"k and v must be (num_tokens, kv_heads, head_dim) = {want} for {tuple(slot_mapping.shape)} "
@@ -138,7 +140,7 @@ class PagedKVCache:
             if padded:
                 slots, k, v = slots[keep], k[keep.to(k.device)], v[keep.to(v.device)]
             if slots.numel() and int(slots.max()) >= total:
-                raise ValueError(f"slot {int(slots.max())} out of range: the pool has {total} slots")
+                raise ValueError(f"slot_mapping holds slot {int(slots.max())}, out of range: the pool has {total} slots")
             self._checked_slots = None if padded else (slot_mapping, slot_mapping._version, slots)
         if self.format.kivi:
             return self._write_kivi(slots, k, v, layer)

@@ -51,7 +51,7 @@ def _triton_refusal(q) -> str | None:
     if not triton_installed():
         return "needs triton: pip install 'memattn[gpu]'"
     if not triton_tiles().available(q):
-        return "needs CUDA tensors (or CPU tensors under TRITON_INTERPRET=1)"
+        return "needs CUDA tensors (or CPU tensors but bfloat16 under TRITON_INTERPRET=1)"
     return None
 
 

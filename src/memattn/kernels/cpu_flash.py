@@ -12,11 +12,19 @@ Quirks handled here (seen on torch 2.13):
   so passing the *global* out and lse of the rows yields this tile's exact share of dq/dk/dv.
   It cannot take an extra lse gradient, so a backward with dlse goes to the torch tile.
 - no softcap: the dispatcher sends softcapped tiles to the torch tile.
+- an empty tile (no query, no key, batch or heads 0) kills the process with SIGFPE (the kernel divides
+  by the length): ``tile_forward`` / ``tile_backward`` answer those themselves, never calling it.
+- a row whose scores are all NaN (a NaN in its query) comes back as out 0, lse 0, as if fully masked;
+  and an additive -inf mask does not hide a NaN/inf query, key or value (inf + -inf is NaN, 0 * inf is NaN).
+  Such tiles (lse exactly 0 on a row that sees a key; a masked tile whose out holds NaN/inf, or whose
+  keys/values do in the backward) are recomputed by the torch tile, which follows the reference there.
 """
 from __future__ import annotations
 
 import torch
 
+from . import torch_tiles
+from .._finite import has_nonfinite
 from .torch_tiles import compute_dtype
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -54,22 +62,53 @@ def _additive(mask, bias, dtype):
     return add
 
 
+def _empty(q, k) -> bool:
+    """A tile the kernel must not see: no query, no key, no batch or no head (it divides by them)."""
+    return q.shape[0] == 0 or q.shape[1] == 0 or k.shape[1] == 0 or q.shape[2] == 0
+
+
+def _masked(mask, causal) -> bool:
+    return mask is not None or causal
+
+
 def tile_forward(q, k, v, *, scale, mask=None, bias=None, softcap=0.0, causal=False):
     """Same contract as ``torch_tiles.tile_forward``; out is returned in the compute dtype."""
     if softcap:
         raise ValueError("the fused CPU tile has no softcap; use the torch tile")
+    cd = compute_dtype(q.dtype)
+    if _empty(q, k):
+        b, tq, h, d = q.shape
+        return (torch.zeros((b, tq, h, v.shape[-1]), dtype=cd, device=q.device),
+                torch.full((b, h, tq), float("-inf"), dtype=cd, device=q.device))
+    kw = dict(scale=scale, mask=mask, bias=bias, causal=causal)
     add = _additive(mask, bias, q.dtype)
     o, lse = _aten_forward(_bhsd(q), _bhsd(k), _bhsd(v), scale, add, causal)
     if mask is not None:
         visible = mask.expand(*lse.shape[:2], *mask.shape[-2:]) if mask.dim() == 4 else mask
-        lse = torch.where(visible.any(dim=-1), lse, float("-inf"))
-    return o.transpose(1, 2).to(compute_dtype(q.dtype)), lse.to(compute_dtype(q.dtype))
+        seen = visible.any(dim=-1)
+        lse = torch.where(seen, lse, float("-inf"))
+        o = torch.where(seen.unsqueeze(-1), o, 0.0)  # a fully masked row is 0 even with NaN in its query
+    # A seen row reported as unseen (all its scores NaN; or a true lse of 0), or in a masked tile any NaN/inf
+    # in out (a non-finite input the additive mask may have leaked; checking the one output is cheaper than
+    # the three inputs): the torch tile recomputes it.
+    if bool((lse == 0).any()) or (_masked(mask, causal) and has_nonfinite(o)):
+        return torch_tiles.tile_forward(q, k, v, **kw)
+    return o.transpose(1, 2).to(cd), lse.to(cd)
 
 
 def tile_backward(dout, q, k, v, out, lse, delta, *, scale, mask=None, bias=None, softcap=0.0, causal=False):
     """Same contract as ``torch_tiles.tile_backward``; `delta` must equal rowsum(dout * out)."""
     if softcap:
         raise ValueError("the fused CPU tile has no softcap; use the torch tile")
+    if _empty(q, k):
+        cd = compute_dtype(q.dtype)
+        return torch.zeros(q.shape, dtype=cd, device=q.device), torch.zeros(k.shape, dtype=cd, device=k.device), \
+            torch.zeros(v.shape, dtype=cd, device=v.device)
+    # a NaN query row (its lse NaN), or a NaN/inf input a masked tile may leak into dq, dk, dv (NaN + -inf)
+    if has_nonfinite(lse[~torch.isneginf(lse)]) or (_masked(mask, causal) and has_nonfinite(q, k, v)):
+        delta = (dout.to(compute_dtype(q.dtype)) * out.to(compute_dtype(q.dtype))).sum(-1).transpose(1, 2)
+        return torch_tiles.tile_backward(dout, q, k, v, out, lse, delta, scale=scale, mask=mask, bias=bias,
+                                         causal=causal)
     add = _additive(mask, bias, q.dtype)
     lse_safe = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse).to(compute_dtype(q.dtype))
     dq, dk, dv = _aten_backward(_bhsd(dout.to(q.dtype)), _bhsd(q), _bhsd(k), _bhsd(v), _bhsd(out.to(q.dtype)),

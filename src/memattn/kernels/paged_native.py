@@ -79,6 +79,11 @@ def decode(q, key_cache, value_cache, block_table, ranges, *, scale, softcap=0.0
         slopes.data_ptr() if slopes is not None else None, nsplit, per, out.data_ptr(), lse.data_ptr(), threads)
     if rc != 0:
         raise RuntimeError(f"native paged decode failed (code {rc}: {'sizes' if rc == 1 else 'out of memory'})")
+    # the kernel's running max skips NaN scores, so a NaN query (through softcap's tanh) came back as 0: make
+    # it NaN, as the reference does, for the sequences that see a key
+    nan_q = torch.isnan(qc).any(-1) & (lens > starts).unsqueeze(1)
+    if bool(nan_q.any()):
+        out[nan_q], lse[nan_q] = float("nan"), float("nan")
     return out, alibi_lse_shift(lse, slopes, query_pos, ranges)
 
 

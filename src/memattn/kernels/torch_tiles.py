@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import torch
 
+from .._finite import has_nonfinite, masked_matmul
+
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """float64 stays float64; every other dtype accumulates in float32."""
@@ -61,7 +63,7 @@ def tile_forward(q, k, v, *, scale, mask=None, bias=None, softcap=0.0, causal=Fa
     float64 for float64 input). A row with no visible key gives out 0 and lse -inf.
     """
     s, _ = _scores(q, k, scale, mask, bias, softcap, causal)
-    m = s.amax(dim=-1, keepdim=True)
+    m = s.amax(dim=-1, keepdim=True) if s.shape[-1] else s.new_zeros(*s.shape[:-1], 1)  # no key: as masked
     m = torch.where(torch.isneginf(m), torch.zeros_like(m), m)  # empty rows: exp(-inf - 0) = 0
     p = torch.exp(s - m)
     denom = p.sum(dim=-1, keepdim=True)
@@ -70,8 +72,20 @@ def tile_forward(q, k, v, *, scale, mask=None, bias=None, softcap=0.0, causal=Fa
     b, hkv = q.shape[0], k.shape[2]
     g = q.shape[2] // hkv
     p5 = p.reshape(b, hkv, g, p.shape[-2], p.shape[-1])
-    out = torch.einsum("bhgqk,bkhd->bqhgd", p5, v.to(p.dtype)).reshape(q.shape[0], q.shape[1], q.shape[2], -1)
+    if (mask is not None or causal) and has_nonfinite(v):  # a masked NaN/inf value must not leak (0 * NaN)
+        vis = _visible(mask, causal, p.shape, p.device).reshape(p5.shape)
+        o5 = masked_matmul(p5, vis, v.transpose(1, 2).unsqueeze(2))           # (B, Hkv, G, tq, D)
+        return o5.permute(0, 3, 1, 2, 4).reshape(*q.shape[:3], v.shape[-1]), lse
+    out = torch.einsum("bhgqk,bkhd->bqhgd", p5, v.to(p.dtype)).reshape(*q.shape[:3], v.shape[-1])
     return out, lse
+
+
+def _visible(mask, causal, shape, device):
+    """The tile's visibility (B, H, tq, tk) bool: its mask and top-left causal triangle."""
+    vis = torch.ones(shape[-2:], dtype=torch.bool, device=device)
+    if causal:
+        vis = vis.tril()
+    return (vis if mask is None else vis & mask).expand(shape)
 
 
 def tile_backward(dout, q, k, v, out, lse, delta, *, scale, mask=None, bias=None, softcap=0.0, causal=False):
@@ -86,6 +100,10 @@ def tile_backward(dout, q, k, v, out, lse, delta, *, scale, mask=None, bias=None
     lse = lse.to(cd)
     lse_safe = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
     p = torch.exp(s - lse_safe.unsqueeze(-1))  # masked scores are -inf -> p = 0
+    unseen = None
+    if has_nonfinite(lse_safe):  # a NaN row: exp(-inf - NaN) is NaN, yet a key it cannot see gets no gradient
+        unseen = torch.isneginf(s)
+        p = p.masked_fill(unseen, 0.0)
     b, tq, h, d = q.shape
     tk, hkv = k.shape[1], k.shape[2]
     g = h // hkv
@@ -94,8 +112,12 @@ def tile_backward(dout, q, k, v, out, lse, delta, *, scale, mask=None, bias=None
     dv = torch.einsum("bhgqk,bqhgd->bkhd", p5, do5)
     dp = _as_heads(torch.einsum("bqhgd,bkhd->bhgqk", do5, v.to(cd)), h)
     ds = p * (dp - delta.to(cd).unsqueeze(-1))
+    if unseen is not None:  # and 0 * (dp - NaN delta) must stay 0 there
+        ds = ds.masked_fill(unseen, 0.0)
     if t is not None:
         ds = ds * (1 - t * t)  # d/dx [c * tanh(x / c)] = 1 - tanh^2
+        if has_nonfinite(t):  # tanh(NaN) of a masked score: 0 * NaN must stay 0 where the row cannot see
+            ds = ds.masked_fill(torch.isneginf(s), 0.0)
     ds5 = ds.reshape(b, hkv, g, tq, tk)
     dq = torch.einsum("bhgqk,bkhd->bqhgd", ds5, k.to(cd)).reshape(b, tq, h, d) * scale
     dk = torch.einsum("bhgqk,bqhgd->bkhd", ds5, _grouped(q, hkv).to(cd)) * scale

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import torch
 
+from .._validate import check_positive_int
+
 METHODS = ("standard", "checkpoint", "blockwise", "window", "linear")
 
 
@@ -33,9 +35,10 @@ def estimate(method: str, batch: int, seqlen: int, heads: int, head_dim: int, dt
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
     for name, val in (("batch", batch), ("seqlen", seqlen), ("heads", heads), ("head_dim", head_dim),
-                      ("layers", layers), ("block_size", block_size)):
-        if int(val) <= 0:
-            raise ValueError(f"{name} must be > 0, got {val}")
+                      ("layers", layers), ("block_size", block_size), ("threads", threads)):
+        check_positive_int(name, val, allow_none=name == "threads")
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"dtype must be a torch.dtype, got {type(dtype).__name__}")
     e = _elt(dtype)
     threads = threads or torch.get_num_threads()
     act = batch * seqlen * heads * head_dim * e          # one (B, S, H, D) tensor

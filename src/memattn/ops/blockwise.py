@@ -66,7 +66,7 @@ def blockwise_backward(dout, q, k, v, out, lse, dlse, spec: AttentionSpec, probl
         return d if dlse is None else d - dlse[:, :, q0:q1].to(cd)
 
     block_q, block_k = min(block_q, _BACKWARD_MAX_BLOCK), min(block_k, _BACKWARD_MAX_BLOCK)
-    for item in plan(spec, problems, block_q, block_k, block_k, bands=True):
+    for item in (plan(spec, problems, block_q, block_k, block_k, bands=True) if b else ()):  # batch 0: no tile
         if isinstance(item, Band):
             args = band_args(spec, item, q.device)
             for c0, n in band_chunks(item, q, k):

@@ -54,7 +54,7 @@ def run_method(q, k, v, spec: AttentionSpec, method: str, block_size: int | None
         return _sdpa_cuda(q, k, v, spec), None
     if method == "auto" and block_size is None and backend.fused and dense_or_causal:
         # One query block up to AUTO_BLOCK_Q rows: the fused kernel then runs its own loop.
-        block = min(max(q.shape[1], k.shape[1]), AUTO_BLOCK_Q)
+        block = min(max(q.shape[1], k.shape[1], 1), AUTO_BLOCK_Q)  # >= 1: empty inputs plan no tile
         return blockwise_attention(q, k, v, spec, block, block, impl=backend)
     return blockwise_attention(q, k, v, spec, block_size or default, block_k, impl=backend)
 

@@ -82,7 +82,7 @@ def _finish(batch: _Batch, out, lse, return_lse, sinks=None):
     h = out.shape[1]
     if not batch.md.packed:
         b, sq = batch.shape[0], batch.shape[1]
-        out = out.view(b, sq, h, -1)
+        out = out.view(b, sq, h, out.shape[-1])  # not -1: empty when every sequence has 0 queries
         lse = lse.view(h, b, sq).permute(1, 0, 2)
     return (out, lse) if return_lse else out
 

@@ -176,7 +176,7 @@ _BAND_CHUNK_BYTES = 32 * 2**20
 def band_chunks(band: Band, q, k):
     b, h, d = q.shape[0], q.shape[2], q.shape[3]
     per_block = b * band.span * (2 * k.shape[2] * d + h * band.block) * 4
-    step = max(1, _BAND_CHUNK_BYTES // per_block)
+    step = max(1, _BAND_CHUNK_BYTES // max(1, per_block))  # per_block 0: an empty batch
     for c0 in range(0, band.count, step):
         yield c0, min(step, band.count - c0)
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 import torch.utils.checkpoint
 
+from .._finite import has_nonfinite, masked_matmul
+from ..kernels.torch_tiles import compute_dtype
 from .spec import AttentionSpec
 
 
@@ -23,16 +25,21 @@ def standard_attention(q, k, v, spec: AttentionSpec, return_lse: bool = True):
     kh = k.transpose(1, 2).repeat_interleave(h // hkv, dim=1) if h != hkv else k.transpose(1, 2)
     vh = v.transpose(1, 2).repeat_interleave(h // hkv, dim=1) if h != hkv else v.transpose(1, 2)
     scores = qh @ kh.transpose(-1, -2)                                # (B, H, Sq, Sk)
+    mask = spec.mask.dense(sq, sk, q.device) if spec.mask is not None else None
     if spec.softcap:
-        scores = spec.softcap * torch.tanh(scores / spec.softcap)
+        if mask is not None:  # a masked NaN score must not reach tanh's gradient (0 * NaN there is NaN)
+            scores = scores.masked_fill(~mask, 0.0)
+        # in float32, rounded once: three half-precision roundings here put it outside the FA rule
+        scores = (spec.softcap * torch.tanh(scores.to(compute_dtype(scores.dtype)) / spec.softcap)).to(scores.dtype)
     bias = spec.dense_bias(sq, sk, q.device)
     if bias is not None:
         scores = scores + bias.to(scores.dtype)
     visible_rows = None
-    if spec.mask is not None:
-        mask = spec.mask.dense(sq, sk, q.device)
+    if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
-        rows = mask.any(-1, keepdim=True)
+    if spec.mask is not None or has_nonfinite(q, k):
+        # a row sees a key if some score is above -inf (an inf input can make a visible score -inf too)
+        rows = ~torch.isneginf(scores).all(-1, keepdim=True)
         if not bool(rows.all()):
             visible_rows = rows
             # a row with no visible key would give softmax NaN: give it finite scores, zero it after
@@ -44,7 +51,7 @@ def standard_attention(q, k, v, spec: AttentionSpec, return_lse: bool = True):
         probs = probs * visible_rows
         if lse is not None:
             lse = lse.masked_fill(~visible_rows.squeeze(-1), float("-inf"))
-    out = (probs @ vh).transpose(1, 2)                                # (B, Sq, H, D)
+    out = masked_matmul(probs, mask, vh).transpose(1, 2)              # (B, Sq, H, D); masked NaN values stay out
     return out, lse
 
 

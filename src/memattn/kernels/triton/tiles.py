@@ -19,6 +19,8 @@ import os
 import torch
 import triton
 
+from .. import torch_tiles
+from ..._finite import has_nonfinite
 from ..torch_tiles import compute_dtype
 from . import _kernels
 
@@ -30,8 +32,10 @@ def interpreting() -> bool:
 
 
 def available(q: torch.Tensor) -> bool:
-    """True where these kernels can run q: CUDA tensors, or any CPU tensor under the interpreter."""
-    return q.dtype in SUPPORTED_DTYPES and (q.is_cuda or (interpreting() and q.device.type == "cpu"))
+    """True where these kernels can run q: CUDA tensors, or CPU tensors under the interpreter except bfloat16
+    (the interpreter runs on numpy, which has no bfloat16: its loads come back garbled, so it is refused)."""
+    return q.dtype in SUPPORTED_DTYPES and (q.is_cuda or (interpreting() and q.device.type == "cpu"
+                                                          and q.dtype != torch.bfloat16))
 
 
 def _unit_last(x):
@@ -75,8 +79,17 @@ def _common(q, k, mask, bias):
     return b, tq, h, d, tk, hkv, mask_t, ms, bias_t, bs
 
 
+def _hides_nonfinite(q, k, v, mask, causal) -> bool:
+    """A masked tile with a NaN/inf input: the kernel's masked products (0 * NaN) would leak it into rows that
+    cannot see it, so such (rare) tiles go to the torch tile, which follows the reference there. Checked under
+    the interpreter (CPU tensors) only: on CUDA the check would cost a host sync per tile."""
+    return not q.is_cuda and (mask is not None or causal) and has_nonfinite(q, k, v)
+
+
 def tile_forward(q, k, v, *, scale, mask=None, bias=None, softcap=0.0, causal=False):
     """Same contract as ``torch_tiles.tile_forward``: out (B, tq, H, D) and lse (B, H, tq), float32."""
+    if _hides_nonfinite(q, k, v, mask, causal):
+        return torch_tiles.tile_forward(q, k, v, scale=scale, mask=mask, bias=bias, softcap=softcap, causal=causal)
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     b, tq, h, d, tk, hkv, mask_t, ms, bias_t, bs = _common(q, k, mask, bias)
     cd = compute_dtype(q.dtype)
@@ -103,6 +116,9 @@ def tile_backward(dout, q, k, v, out, lse, delta, *, scale, mask=None, bias=None
     returns dq (B, tq, H, D), dk, dv (B, tk, Hkv, D) in float32."""
     if delta is None:
         delta = (dout.to(torch.float32) * out.to(torch.float32)).sum(-1).transpose(1, 2)
+    if _hides_nonfinite(q, k, v, mask, causal):
+        return torch_tiles.tile_backward(dout, q, k, v, out, lse, delta, scale=scale, mask=mask, bias=bias,
+                                         softcap=softcap, causal=causal)
     # dq shares q's (contiguous) strides and dk/dv share k's: the kernels read and write through them
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     dout = dout.to(q.dtype).contiguous()
