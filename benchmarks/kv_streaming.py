@@ -29,21 +29,15 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
 
 import torch  # noqa: E402
 
 from _harness import parser, print_records, record, write_json  # noqa: E402
+from memattn.engine.evaluate import pydoc_text  # noqa: E402
 
 FULL = dict(tokens=20_000, eval_from=8192, sinks=4, window=1020, strided=2048, stride=1024, chunk=64)
 QUICK = dict(tokens=512, eval_from=256, sinks=4, window=60, strided=128, stride=64, chunk=32)
-
-
-def pydoc_text() -> str:
-    """Python's reference documentation as one text: ``pydoc_data.topics`` in sorted key order, blank lines
-    between topics (deterministic for a given Python)."""
-    from pydoc_data.topics import topics
-
-    return "\n\n".join(topics[k] for k in sorted(topics))
 
 
 def feed(llm, tokens: list, on_step=None) -> torch.Tensor:
