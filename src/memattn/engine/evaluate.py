@@ -20,16 +20,19 @@ def pydoc_text() -> str:
     return "\n\n".join(topics[k] for k in sorted(topics))
 
 
-def window_losses(llm, tokens: list) -> torch.Tensor:
-    """float64 (N - 1,) losses -log p(tokens[j] | tokens[:j]) for j >= 1, `tokens` fed as one sequence in the
-    chunks the engine's scheduler gives (max_num_batched_tokens), through its own step path (schedule,
-    apply_plan, ModelRunner.prepare, the model, update) with the logits of every row kept."""
-    from .model_runner import apply_plan
+def feed(llm, tokens: list, on_step=None) -> torch.Tensor:
+    """Run `tokens` through the engine as one sequence, in the chunks its scheduler gives
+    (max_num_batched_tokens), keeping every position's logits; returns float64 (N,) losses, loss[j] =
+    -log p(tokens[j] | tokens[:j]) (loss[0] = nan). on_step(llm, seq) runs after each step.
+
+    The engine's own path (``Scheduler.schedule``, ``apply_plan``, ``ModelRunner.prepare``, the model, then
+    ``Scheduler.update``), with the logits of all rows instead of the last one's."""
     from .config import SamplingParams
+    from .model_runner import apply_plan
 
     n = len(tokens)
     if n < 2:
-        raise ValueError(f"window_losses needs at least 2 tokens, got {n}")
+        raise ValueError(f"feed needs at least 2 tokens, got {n}")
     rid = llm.add_request(tokens, SamplingParams(temperature=0, max_tokens=1, ignore_eos=True))
     target = torch.tensor(tokens, dtype=torch.int64)
     loss = torch.full((n,), float("nan"), dtype=torch.float64)
@@ -43,12 +46,19 @@ def window_losses(llm, tokens: list) -> torch.Tensor:
             batch.logits_indices = torch.arange(count)
             logp = torch.log_softmax(llm.model(batch, llm.cache).double(), -1)
             llm.scheduler.update(plan)
-            m = min(count, n - 1 - start)  # rows start .. start + m - 1 predict tokens start + 1 .. start + m
+            m = min(count, n - 1 - start)  # positions start .. start + m - 1 predict start + 1 .. start + m
             loss[start + 1:start + 1 + m] = -logp[torch.arange(m), target[start + 1:start + 1 + m]]
+            if on_step is not None:
+                on_step(llm, seq)
             if seq.num_computed == n:
-                return loss[1:]
+                return loss
     finally:
         llm.abort(rid)
+
+
+def window_losses(llm, tokens: list) -> torch.Tensor:
+    """float64 (N - 1,) losses -log p(tokens[j] | tokens[:j]) for j >= 1 (``feed`` without its nan)."""
+    return feed(llm, tokens)[1:]
 
 
 def window_nll(model, tokenizer, tokens: list, *, chunk: int = 64, block_size: int = 16, **llm_kwargs) -> float:
@@ -67,4 +77,4 @@ def perplexity(nll: float, count: int) -> float:
     return math.exp(nll / count)
 
 
-__all__ = ["pydoc_text", "window_losses", "window_nll", "perplexity"]
+__all__ = ["pydoc_text", "feed", "window_losses", "window_nll", "perplexity"]
