@@ -156,6 +156,9 @@ def cmd_compare_kv(args) -> int:
           "peak = measured while allocating and filling the cache (torch profiler memory events); "
           "decode = one step of attention through every layer (paged: memattn.paged_attention; "
           "window: over the kept blocks); ppl change vs the full-width cache")
+    if ppl is not None and args.sinks + args.window >= args.eval_tokens:
+        print(f"the window row evicts nothing within the {args.eval_tokens} evaluated tokens, so its ppl change "
+              f"is that of the full-width cache; --eval-tokens above {args.sinks + args.window} shows its cost")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(compare_kv.records_as_dicts(records), f, indent=1)

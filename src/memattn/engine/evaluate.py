@@ -66,8 +66,13 @@ def window_nll(model, tokenizer, tokens: list, *, chunk: int = 64, block_size: i
     chunks of `chunk` tokens through a fresh ``LLM(model, ...)`` sized for them; `llm_kwargs` (e.g.
     kv_cache_dtype="int8", attention_sinks=4, streaming_window=1020) pick the cache policy."""
     from .llm import LLM
+    from .streaming import StreamingPolicy
 
-    llm = LLM(model, tokenizer=tokenizer, block_size=block_size, num_kv_blocks=-(-len(tokens) // block_size) + 2,
+    blocks = -(-len(tokens) // block_size) + 2
+    if llm_kwargs.get("streaming_window"):  # the blocks a streaming sequence keeps, plus one chunk's
+        policy = StreamingPolicy(llm_kwargs.get("attention_sinks", 0), llm_kwargs["streaming_window"], block_size)
+        blocks = max(blocks, policy.pinned_blocks + policy.window_blocks + -(-chunk // block_size) + 1)
+    llm = LLM(model, tokenizer=tokenizer, block_size=block_size, num_kv_blocks=blocks,
               max_num_batched_tokens=chunk, max_num_seqs=1, enable_prefix_caching=False, **llm_kwargs)
     return window_losses(llm, tokens).sum().item()
 
