@@ -128,3 +128,18 @@ def test_quality_columns_from_perplexities():
     assert by["linear state"].ppl is None
     rows = {row[0]: row[5] for row in compare_kv.table_rows(recs)}
     assert rows["int2"] == "+30.00%" and rows["paged (auto)"] == "baseline (10.000)" and rows["linear state"] == "-"
+
+
+def test_quality_on_a_tiny_model():
+    """``quality`` (engine.evaluate's chunked feed): a window that covers the whole evaluation is the full-width
+    cache exactly; a shorter one, and each quantized format, changes the perplexity, int8 by little and int2
+    by more (random weights: the sizes of the changes, not their sign, are what holds)."""
+    from memattn.engine.models import load_model
+
+    model, _, tok = load_model("tiny-llama")
+    ppl = compare_kv.quality(model, tok, 96, sinks=2, window=30, chunk=16)
+    assert set(ppl) == {"auto", *kv_formats.QUANTIZED, "window"}
+    assert ppl["window"] != ppl["auto"]
+    assert compare_kv.quality(model, tok, 96, sinks=2, window=200, chunk=16)["window"] == ppl["auto"]
+    assert 0 < abs(ppl["int8"] / ppl["auto"] - 1) < 1e-3
+    assert abs(ppl["int2"] / ppl["auto"] - 1) > abs(ppl["int8"] / ppl["auto"] - 1)
