@@ -6,7 +6,6 @@ import json
 import math
 
 import pytest
-import torch
 
 from memattn import cli, compare_kv
 from memattn.cache import PagedKVCache, kv_formats

@@ -113,7 +113,6 @@ def cmd_compare(args) -> int:
 
 def cmd_compare_kv(args) -> int:
     from . import compare_kv
-    from .engine.config import ModelConfig
     from .engine.models import PRESETS, config_from_hf, load_model
 
     if args.threads:
@@ -131,7 +130,6 @@ def cmd_compare_kv(args) -> int:
             print(f"error: unknown preset {args.preset!r}; choose from {', '.join(PRESETS)}", file=sys.stderr)
             return 2
         cfg, what = config_from_hf(PRESETS[args.preset]), f"preset {args.preset} (random)"
-    assert isinstance(cfg, ModelConfig)
     geometry = compare_kv.Geometry.of(cfg)
     try:
         ppl = None
