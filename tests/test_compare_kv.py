@@ -126,7 +126,7 @@ def test_quality_columns_from_perplexities():
     assert math.isclose(by["int2"].ppl_change, 0.3) and math.isclose(by["sinks 4 + window 12"].ppl_change, 0.1)
     assert by["linear state"].ppl is None
     rows = {row[0]: row[5] for row in compare_kv.table_rows(recs)}
-    assert rows["int2"] == "+30.00%" and rows["paged (auto)"] == "baseline (10.000)" and rows["linear state"] == "-"
+    assert rows["int2"] == "+30.000%" and rows["paged (auto)"] == "baseline (10.000)" and rows["linear state"] == "-"
 
 
 def test_quality_on_a_tiny_model():

@@ -244,7 +244,7 @@ def table_rows(records):
         elif r.row in ("contiguous", "paged (auto)"):
             q = f"baseline ({r.ppl:.3f})"
         else:
-            q = f"{100 * r.ppl_change:+.2f}%"
+            q = f"{100 * r.ppl_change:+.3f}%"
         rows.append([r.row, str(r.context), _bytes(r.bytes_per_token), format_bytes_mib(r.peak_mib),
                      f"{r.decode_s * 1e3:.2f} ms", q, r.note])
     return rows
