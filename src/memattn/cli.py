@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 import torch
@@ -124,7 +125,7 @@ def cmd_compare_kv(args) -> int:
         except (ValueError, OSError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-        what = args.model
+        what = os.path.basename(os.path.normpath(args.model))
     else:
         if args.preset not in PRESETS:
             print(f"error: unknown preset {args.preset!r}; choose from {', '.join(PRESETS)}", file=sys.stderr)
