@@ -37,6 +37,7 @@ import _harness  # noqa: E402
 import memattn  # noqa: E402
 from memattn.cache import BlockManager, PagedKVCache  # noqa: E402
 from memattn.cache import kv_formats  # noqa: E402
+from memattn.engine.evaluate import pydoc_text, window_nll  # noqa: E402
 from memattn.reference import paged_attention as reference  # noqa: E402
 
 FORMATS = kv_formats.QUANTIZED
@@ -44,44 +45,7 @@ SMOLLM2 = dict(num_layers=30, kv_heads=3, head_dim=64)  # SmolLM2-135M's KV geom
 BLOCK = 16
 
 
-def pydoc_text() -> str:
-    """Python's reference documentation: ``pydoc_data.topics`` in sorted key order, joined by blank lines."""
-    from pydoc_data.topics import topics
-
-    return "\n\n".join(topics[k] for k in sorted(topics))
-
-
-def window_losses(llm, tokens: list) -> torch.Tensor:
-    """float64 (N - 1,) losses -log p(tokens[j] | tokens[:j]) for j >= 1, `tokens` fed as one sequence in the
-    chunks the engine's scheduler gives (max_num_batched_tokens), through its own step path (schedule,
-    apply_plan, ModelRunner.prepare, the model, update) with the logits of every row kept."""
-    from memattn.engine import SamplingParams
-    from memattn.engine.model_runner import apply_plan
-
-    n = len(tokens)
-    rid = llm.add_request(tokens, SamplingParams(temperature=0, max_tokens=1, ignore_eos=True))
-    target = torch.tensor(tokens, dtype=torch.int64)
-    loss = torch.full((n,), float("nan"), dtype=torch.float64)
-    try:
-        while True:
-            plan = llm.scheduler.schedule()
-            (seq, count), = plan.scheduled
-            start = seq.num_computed
-            apply_plan(llm.cache, plan)
-            batch = llm.runner.prepare(plan)
-            batch.logits_indices = torch.arange(count)
-            logp = torch.log_softmax(llm.model(batch, llm.cache).double(), -1)
-            llm.scheduler.update(plan)
-            m = min(count, n - 1 - start)  # rows start .. start + m - 1 predict tokens start + 1 .. start + m
-            loss[start + 1:start + 1 + m] = -logp[torch.arange(m), target[start + 1:start + 1 + m]]
-            if seq.num_computed == n:
-                return loss[1:]
-    finally:
-        llm.abort(rid)
-
-
 def ppl_cases(fmts, windows: int, size: int, chunk: int = 64) -> list:
-    from memattn.engine import LLM
     from memattn.engine.models import load_model
     from memattn.testing import smollm2_gguf
 
@@ -99,12 +63,9 @@ def ppl_cases(fmts, windows: int, size: int, chunk: int = 64) -> list:
     for w in range(windows):
         part = tokens[w * size:(w + 1) * size]
         for f in nll:
-            llm = LLM(model, tokenizer=tok, kv_cache_dtype=f, block_size=BLOCK, num_kv_blocks=size // BLOCK + 2,
-                      max_num_batched_tokens=chunk, max_num_seqs=1, enable_prefix_caching=False)
             t0 = time.perf_counter()
-            loss = window_losses(llm, part)
+            nll[f] += window_nll(model, tok, part, chunk=chunk, block_size=BLOCK, kv_cache_dtype=f)
             secs[f] += time.perf_counter() - t0
-            nll[f] += loss.sum().item()
         count += len(part) - 1
         print(f"  window {w + 1}/{windows}: " + "  ".join(f"{f} {math.exp(v / count):.4f}" for f, v in nll.items()),
               file=sys.stderr)

@@ -29,55 +29,15 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
 
 import torch  # noqa: E402
 
 from _harness import parser, print_records, record, write_json  # noqa: E402
+from memattn.engine.evaluate import feed, pydoc_text  # noqa: E402
 
 FULL = dict(tokens=20_000, eval_from=8192, sinks=4, window=1020, strided=2048, stride=1024, chunk=64)
 QUICK = dict(tokens=512, eval_from=256, sinks=4, window=60, strided=128, stride=64, chunk=32)
-
-
-def pydoc_text() -> str:
-    """Python's reference documentation as one text: ``pydoc_data.topics`` in sorted key order, blank lines
-    between topics (deterministic for a given Python)."""
-    from pydoc_data.topics import topics
-
-    return "\n\n".join(topics[k] for k in sorted(topics))
-
-
-def feed(llm, tokens: list, on_step=None) -> torch.Tensor:
-    """Run `tokens` through the engine as one sequence, in the chunks its scheduler gives
-    (max_num_batched_tokens), keeping every position's logits; returns float64 (N,) losses, loss[j] =
-    -log p(tokens[j] | tokens[:j]) (loss[0] = nan). on_step(llm, seq) runs after each step.
-
-    The engine's own path (``Scheduler.schedule``, ``apply_plan``, ``ModelRunner.prepare``, the model, then
-    ``Scheduler.update``), with the logits of all rows instead of the last one's."""
-    from memattn.engine import SamplingParams
-    from memattn.engine.model_runner import apply_plan
-
-    n = len(tokens)
-    rid = llm.add_request(tokens, SamplingParams(temperature=0, max_tokens=1, ignore_eos=True))
-    target = torch.tensor(tokens, dtype=torch.int64)
-    loss = torch.full((n,), float("nan"), dtype=torch.float64)
-    try:
-        while True:
-            plan = llm.scheduler.schedule()
-            (seq, count), = plan.scheduled
-            start = seq.num_computed
-            apply_plan(llm.cache, plan)
-            batch = llm.runner.prepare(plan)
-            batch.logits_indices = torch.arange(count)
-            logp = torch.log_softmax(llm.model(batch, llm.cache).double(), -1)
-            llm.scheduler.update(plan)
-            m = min(count, n - 1 - start)  # positions start .. start + m - 1 predict start + 1 .. start + m
-            loss[start + 1:start + 1 + m] = -logp[torch.arange(m), target[start + 1:start + 1 + m]]
-            if on_step is not None:
-                on_step(llm, seq)
-            if seq.num_computed == n:
-                return loss
-    finally:
-        llm.abort(rid)
 
 
 def ppl(loss: torch.Tensor, lo: int, hi: int) -> float:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 import torch
@@ -104,6 +105,66 @@ def cmd_compare(args) -> int:
     if args.plot:
         try:
             compare.plot(records, args.plot)
+            print(f"wrote {args.plot}")
+        except ImportError:
+            print("matplotlib is not installed: pip install 'memattn[cli]' for --plot", file=sys.stderr)
+            return 1
+    return 0
+
+
+def cmd_compare_kv(args) -> int:
+    from . import compare_kv
+    from .engine.models import PRESETS, config_from_hf, load_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = tok = None
+    if args.model:
+        try:
+            model, cfg, tok = load_model(args.model)
+        except (ValueError, OSError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        what = os.path.basename(os.path.normpath(args.model))
+    else:
+        if args.preset not in PRESETS:
+            print(f"error: unknown preset {args.preset!r}; choose from {', '.join(PRESETS)}", file=sys.stderr)
+            return 2
+        cfg, what = config_from_hf(PRESETS[args.preset]), f"preset {args.preset} (random)"
+    geometry = compare_kv.Geometry.of(cfg)
+    try:
+        ppl = None
+        if model is not None:
+            print(f"quality: perplexity on {args.eval_tokens} tokens of pydoc_data.topics, 64-token chunks",
+                  file=sys.stderr)
+            ppl = compare_kv.quality(model, tok, args.eval_tokens, args.sinks, args.window)
+        names = compare_kv.row_names(args.sinks, args.window)
+        with _Progress(len(names) * len(args.context), "measuring") as bar:
+            records = compare_kv.run_compare_kv(
+                args.context, geometry, batch=args.batch, sinks=args.sinks, window=args.window,
+                repeats=args.repeats, ppl=ppl, progress=lambda r: bar.step(f"{r.row} N={r.context}"))
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    g = geometry
+    title = (f"memattn compare-kv: {what}, {g.num_layers} layers, {g.heads} q heads, {g.kv_heads} kv heads, "
+             f"D={g.head_dim}, batch {args.batch}, block {compare_kv.BLOCK} ({torch.get_num_threads()} threads)")
+    _print_table(compare_kv.TABLE_HEADER, compare_kv.table_rows(records), title)
+    print("bytes/token: all layers, keys + values, scales included, per token of one sequence (bounded rows: "
+          "their bytes at N / N; KIVI's one full-precision residual block per sequence is in the peak, not here); "
+          "peak = measured while allocating and filling the cache (torch profiler memory events); "
+          "decode = one step of attention through every layer (paged: memattn.paged_attention; "
+          "window: over the kept blocks); ppl change vs the full-width cache")
+    if ppl is not None and args.sinks + args.window >= args.eval_tokens:
+        print(f"the window row evicts nothing within the {args.eval_tokens} evaluated tokens, so its ppl change "
+              f"is that of the full-width cache; --eval-tokens above {args.sinks + args.window} shows its cost")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(compare_kv.records_as_dicts(records), f, indent=1)
+        print(f"wrote {args.json}")
+    if args.plot:
+        try:
+            compare_kv.plot(records, args.plot, title.split(" (")[0])
             print(f"wrote {args.plot}")
         except ImportError:
             print("matplotlib is not installed: pip install 'memattn[cli]' for --plot", file=sys.stderr)
@@ -328,6 +389,22 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--favor-sweep", action="store_true",
                    help="deprecated: use `memattn favor-sweep` (runs it with --seq-lens' first length, else 256)")
     c.set_defaults(func=_compare_or_favor_alias)
+    ck = sub.add_parser("compare-kv", help="the inference memory table: KV cache formats, paging, sinks + window "
+                                           "and the linear state, measured on this machine")
+    ck_src = ck.add_mutually_exclusive_group()
+    ck_src.add_argument("--preset", default="smollm2-135m", help="an engine preset's geometry, random weights "
+                                                               "(default smollm2-135m; quality shows -)")
+    ck_src.add_argument("--model", default=None, help="a local Hugging Face folder or .gguf file (adds quality)")
+    ck.add_argument("--context", type=_int_list, default=[1024, 4096], help="comma-separated context lengths")
+    ck.add_argument("--batch", type=_positive, default=1, help="sequences in the cache")
+    ck.add_argument("--sinks", type=int, default=4, help="attention sinks of the window row")
+    ck.add_argument("--window", type=_positive, default=1020, help="recent-token window of the window row")
+    ck.add_argument("--eval-tokens", type=_positive, default=512, help="tokens of the perplexity evaluation")
+    ck.add_argument("--repeats", type=_positive, default=5, help="timed decode steps per cell (median)")
+    ck.add_argument("--threads", type=_positive, default=None, help="torch threads (default: torch's)")
+    ck.add_argument("--plot", default=None, metavar="PNG")
+    ck.add_argument("--json", default=None, metavar="PATH")
+    ck.set_defaults(func=cmd_compare_kv)
     f = sub.add_parser("favor-sweep", help="FAVOR+ error against exact softmax as random features grow (plot)")
     f.add_argument("--seq-len", type=_positive, default=256)
     f.add_argument("--head-dim", type=_positive, default=64)

@@ -25,6 +25,11 @@ PRESETS = {
     "tiny-qwen2": dict(_TINY, model_type="qwen2", num_key_value_heads=2, rms_norm_eps=1e-6, tie_word_embeddings=True),
     "tiny-gpt2": dict(model_type="gpt2", vocab_size=320, n_embd=64, n_layer=2, n_head=4, n_positions=512,
                       bos_token_id=1, eos_token_id=2),
+    # SmolLM2-135M's shapes (30 layers, 9 query heads, 3 kv heads, D=64) with random weights: `compare-kv`'s default
+    "smollm2-135m": dict(model_type="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536,
+                         num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                         max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=100000.0, bos_token_id=1,
+                         eos_token_id=2, tie_word_embeddings=True),
     # about 30M parameters: the serve benchmark's model
     "llama-30m": dict(model_type="llama", vocab_size=8000, hidden_size=512, intermediate_size=1408,
                       num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2,
