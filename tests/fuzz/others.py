@@ -871,17 +871,26 @@ PARAM_VALUES = {"n": [1, 2, 0, -1, 1.5, True, 100], "temperature": [0, 0.7, 1.0,
 PROMPTS = ["hello", "", [1, 2, 3], [], [-1], [10**6], [0], [1.5], None, 42, "x" * 200, [256, 255]]
 
 
+# engine options of LLM(...): KV storage format and StreamingLLM (a few drawn per case, the rest default)
+ENGINE_VALUES = {"kv_cache_dtype": ["auto", "int8", "fp8_e4m3", "int4", "int2", "int3", "INT8", "", 8, None],
+                 "attention_sinks": [0, 2, 4, -1, 2.5, True, "4"],
+                 "streaming_window": [None, 8, 16, 0, -4, 3.5, "8"]}
+
+
 @st.composite
 def request_cases(draw):
     params = {k: draw(st.sampled_from(v)) for k, v in PARAM_VALUES.items() if draw(st.booleans())}
-    return {"params": params, "prompt": draw(st.sampled_from(PROMPTS)),
+    engine = {k: draw(st.sampled_from(v)) for k, v in ENGINE_VALUES.items() if draw(st.booleans())}
+    return {"params": params, "prompt": draw(st.sampled_from(PROMPTS)), "engine": engine,
+            "step": draw(st.booleans()),
             "as_dict": draw(st.booleans()), "unknown": draw(st.sampled_from([False, False, False, True]))}
 
 
 @functools.lru_cache(maxsize=None)
-def _llm():
+def _llm(engine=()):
+    """A tiny random llama engine with the given engine options ((name, value) pairs), one per combination."""
     from memattn import LLM
-    return LLM("tiny-llama", num_kv_blocks=16, block_size=4, max_num_seqs=4)
+    return LLM("tiny-llama", num_kv_blocks=16, block_size=4, max_num_seqs=4, **dict(engine))
 
 
 def check_request(case):
@@ -890,15 +899,20 @@ def check_request(case):
     if case["unknown"]:
         params["best_of"] = 2
     names = tuple(params) + ("stop token id", "sampling params", "prompt")
+    engine = tuple(sorted(case.get("engine", {}).items()))
+    llm = either(lambda: _llm(engine), tuple(n for n, _ in engine) or ("model",))
+    if llm is None:
+        return  # an engine option refused, with its name
     sp = either(lambda: SamplingParams(**params), names)
     if sp is None and not case["as_dict"]:
         return
-    llm = _llm()
     arg = params if case["as_dict"] else sp
     rid = either(lambda: llm.add_request(case["prompt"], arg),
                  names + ("prompt", "token", "tokens", "n", "max_num_seqs", "max_model_len", "max_tokens", "blocks",
                           "params", "completions"))
     if rid is not None:
+        if case.get("step"):  # one engine step on the request (a quantized or streaming pool included)
+            must_run(llm.step)
         llm.abort(rid)
 
 
