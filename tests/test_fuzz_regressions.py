@@ -239,3 +239,22 @@ def test_plus_inf_sink_gives_nan_in_every_row_of_its_head_as_the_reference():
             out = memattn.paged_attention(q[0, -1:].unsqueeze(0), k, v, torch.zeros(1, 1, dtype=torch.int32),
                                           torch.tensor([sk], dtype=torch.int32), sinks=sinks)
             assert torch.isnan(out[..., 0, :]).all() and not torch.isnan(out[..., 1, :]).any()
+
+
+def test_plus_inf_score_gives_nan_row_in_every_method():
+    """The fused CPU kernel returned out 0 (lse +inf) for a row with a +inf score (a -inf query entry against
+    keys of both signs), where the reference's softmax is exp(inf - inf) = NaN: auto and blockwise hid the
+    fault. Fuzzer's case: attention[auto] bfloat16, b 2, Sq 2, Sk 33, D 16, inf_q, block_size 1, seed 300."""
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, n, 1, 16, generator=g).to(torch.bfloat16) for n in (2, 33, 33))
+    q[0, 0, 0, 1] = float("-inf")
+    ref = reference.attention(q.double(), k.double(), v.double())
+    assert torch.isnan(ref[0, 0]).all() and not torch.isnan(ref[0, 1]).any()
+    for name, out in _each_method(q, k, v).items():
+        assert torch.equal(torch.isnan(out), torch.isnan(ref)), name
+    for case in ({'b': 2, 'sq': 2, 'sk': 33, 'hkv': 1, 'h': 1, 'd': 16, 'dtype': 'bfloat16', 'seed': 300,
+                  'layout': 'contiguous', 'special': 'inf_q', 'causal': False, 'grad': '', 'return_lse': True,
+                  'block_size': 1, 'invalid': '', 'window': (-1, -1), 'kpm': None, 'dense_mask': None,
+                  'alibi': False, 'softcap': 0.0, 'sinks': None},):
+        for name in ("attention[auto]", "attention[blockwise]"):
+            ENTRIES[name].check(case)
