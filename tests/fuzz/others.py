@@ -232,9 +232,9 @@ def paged_cases(draw, dtypes=tuple(DT), scores=True, head_dims=(1, 4, 16, 59, 64
 def paged_cache(case, dt, options):
     """(key_cache, value_cache, block_table, cache_seqlens) of a case: a pool whose unused slots hold NaN
     (a real pool holds stale or garbage values there; they must never be read). `options`: the variant's
-    extra cache options (a KV storage format goes here, e.g. {"kv_dtype": "int8"}, once the caches have one:
-    build the cache with ``memattn.cache.PagedKVCache(..., **options)``, write the tokens through it, and pass
-    its key_cache/value_cache views; the reference then reads its dequantised tokens)."""
+    extra cache options (a KV storage format, e.g. {"kv_dtype": "int8"}): the cache is then a
+    ``memattn.cache.PagedKVCache(..., **options)`` written through ``write``, and its key_cache/value_cache
+    pages are returned (``_format_cache``); the reference reads their dequantized tokens."""
     g = random.Random(case["seed"])
     bs, hkv, d = case["block_size"], case["hkv"], case["d"]
     per = [-(-c // bs) for c in case["ctx"]]
