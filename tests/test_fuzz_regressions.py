@@ -200,3 +200,61 @@ def test_triton_interpreter_refuses_bfloat16():
     with pytest.raises(ValueError, match="triton tile backend cannot run"):
         with memattn.use_backend("triton"):
             memattn.attention(q, q, q, method="blockwise")
+
+
+def test_minus_inf_sink_on_a_row_without_keys_gives_zeros_in_every_method():
+    """merge_sinks took logaddexp(-inf, -inf) (exp(-inf - -inf) = NaN) for a row that saw no key under a -inf
+    sink: NaN where the reference (and the same call without sinks) gives 0 and lse -inf. Fuzzer's case:
+    causal, window (2, -1), a key padding mask, nan_v, sinks (523, '-inf', False, True)."""
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, n, 2, 8, generator=g, requires_grad=True) for n in (4, 4, 4))
+    kpm = torch.tensor([[False, False, True, True]])  # rows 0 and 1 (causal) see no key
+    sinks = torch.tensor([float("-inf"), 1.5], requires_grad=True)
+    mask = (torch.ones(4, 4, dtype=torch.bool).tril() & kpm.view(1, 4))[None, None]
+    ref, ref_lse = reference.attention(q.double(), k.double(), v.double(), mask=mask, sinks=sinks.double(), return_lse=True)
+    assert torch.equal(ref[0, :2, 0], torch.zeros(2, 8, dtype=torch.float64))
+    for name, (out, lse) in _each_method(q, k, v, causal=True, key_padding_mask=kpm, sinks=sinks, return_lse=True).items():
+        assert not torch.isnan(out).any(), name
+        assert torch.equal(out[0, :2, 0], torch.zeros(2, 8)), name
+        assert torch.isneginf(lse[0, 0, :2]).all(), name
+        assert_fa_rule(name, out, ref, reference.attention(q, k, v, mask=mask, sinks=sinks),
+                       floor=attention_floors(q, k, v)["out"])
+        grads = torch.autograd.grad(out.sum(), (q, k, v, sinks))
+        assert all(torch.isfinite(gr).all() for gr in grads), name
+
+
+def test_plus_inf_sink_gives_nan_in_every_row_of_its_head_as_the_reference():
+    """A +inf sink silenced its head to zeros (exp(lse - inf) = 0) where the reference's softmax is
+    exp(inf - inf) = NaN: the fault was hidden. Now NaN in every row of that head (a row with no visible key
+    and Sk = 0 too, in the reference as in every method), the other heads untouched."""
+    g = torch.Generator().manual_seed(4)
+    for sk in (5, 0):
+        q, k, v = torch.randn(1, 3, 2, 8, generator=g), torch.randn(1, sk, 2, 8, generator=g), torch.randn(1, sk, 2, 8, generator=g)
+        sinks = torch.tensor([float("inf"), 0.5])
+        ref = reference.attention(q.double(), k.double(), v.double(), sinks=sinks.double())
+        assert torch.isnan(ref[:, :, 0]).all() and not torch.isnan(ref[:, :, 1]).any()
+        for name, out in _each_method(q, k, v, sinks=sinks).items():
+            assert torch.equal(torch.isnan(out), torch.isnan(ref)), (name, sk)
+        if sk:  # paged: one block holding the sk tokens, the last query decoding
+            out = memattn.paged_attention(q[0, -1:].unsqueeze(0), k, v, torch.zeros(1, 1, dtype=torch.int32),
+                                          torch.tensor([sk], dtype=torch.int32), sinks=sinks)
+            assert torch.isnan(out[..., 0, :]).all() and not torch.isnan(out[..., 1, :]).any()
+
+
+def test_plus_inf_score_gives_nan_row_in_every_method():
+    """The fused CPU kernel returned out 0 (lse +inf) for a row with a +inf score (a -inf query entry against
+    keys of both signs), where the reference's softmax is exp(inf - inf) = NaN: auto and blockwise hid the
+    fault. Fuzzer's case: attention[auto] bfloat16, b 2, Sq 2, Sk 33, D 16, inf_q, block_size 1, seed 300."""
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, n, 1, 16, generator=g).to(torch.bfloat16) for n in (2, 33, 33))
+    q[0, 0, 0, 1] = float("-inf")
+    ref = reference.attention(q.double(), k.double(), v.double())
+    assert torch.isnan(ref[0, 0]).all() and not torch.isnan(ref[0, 1]).any()
+    for name, out in _each_method(q, k, v).items():
+        assert torch.equal(torch.isnan(out), torch.isnan(ref)), name
+    for case in ({'b': 2, 'sq': 2, 'sk': 33, 'hkv': 1, 'h': 1, 'd': 16, 'dtype': 'bfloat16', 'seed': 300,
+                  'layout': 'contiguous', 'special': 'inf_q', 'causal': False, 'grad': '', 'return_lse': True,
+                  'block_size': 1, 'invalid': '', 'window': (-1, -1), 'kpm': None, 'dense_mask': None,
+                  'alibi': False, 'softcap': 0.0, 'sinks': None},):
+        for name in ("attention[auto]", "attention[blockwise]"):
+            ENTRIES[name].check(case)

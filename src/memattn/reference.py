@@ -55,6 +55,9 @@ def attention(q, k, v, *, mask=None, bias=None, softmax_scale=None, softcap=0.0,
     # a masked key's value contributes nothing, even a NaN or inf one (0 * NaN would leak it)
     # (the sink column, if any, is left out: its value row is zero)
     out = masked_matmul(p[..., :sk], mask, v.transpose(1, 2)).transpose(1, 2)
+    # a row whose softmax is undefined (NaN denominator: a +inf sink, exp(inf - inf)) is NaN even where it
+    # sums no value (no key, or only masked ones): the fault shows in every row it touches
+    out = out.masked_fill(torch.isnan(denom).transpose(1, 2), float("nan"))
     if not return_lse:
         return out
     lse = (m + torch.log(denom)).squeeze(-1)

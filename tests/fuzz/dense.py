@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 import memattn
 from memattn import reference
-from conftest import amax, attention_floors, cotangents, max_row_norm
+from conftest import amax, attention_floors, cotangents, fa_floor, max_row_norm
 
 from .contract import classify_error, compare, wrong, OK, Failure
 
@@ -97,6 +97,26 @@ def _alibi_apply(case, value, dims, mask, bias):
     return mask, -slopes.view(1, -1, 1, 1) * (i - j).abs().to(torch.float32), {}
 
 
+# sinks=: (seed, kind, float32 (else the input dtype), requires_grad); kind places one hostile logit
+SINK_KINDS = ["normal"] * 5 + ["nan", "inf", "-inf", "big", "-big"]
+
+
+def _sinks(case, dims):
+    """The (H,) sink logits of a case (None if it draws none): at the scale of a row's lse (3 + 2 randn), so
+    the sink takes a real share, with one NaN / +-inf / huge logit by kind; a leaf requiring grad if drawn so."""
+    if case.get("sinks") is None:
+        return None
+    seed, kind, f32, grad = case["sinks"]
+    g = torch.Generator().manual_seed(seed)
+    t = 3.0 + 2.0 * torch.randn(dims["h"], generator=g, dtype=torch.float64)
+    at = int(torch.randint(0, dims["h"], (1,), generator=g))
+    if kind in ("nan", "inf", "-inf"):
+        t[at] = float(kind)
+    elif kind in ("big", "-big"):
+        t = t * (3e4 if kind == "big" else -3e4)  # past float16's largest finite value, for some logits
+    return t.to(torch.float32 if f32 else DTYPES[case["dtype"]]).requires_grad_(bool(grad))
+
+
 OPTIONS = (
     Option("window_size", st.sampled_from([(-1, -1)] * 4 + [(0, 0), (1, 0), (3, 2), (-1, 0), (2, -1), (0, -1)]),
            lambda c, v, d: {"window_size": tuple(v)}, _window_mask),
@@ -109,10 +129,13 @@ OPTIONS = (
            lambda c, v, d: {"alibi_slopes": _alibi(c, d)}, _alibi_apply),
     Option("softcap", st.sampled_from([0.0, 0.0, 0.0, 5.0]),
            lambda c, v, d: {"softcap": v}, lambda c, v, d, m, b: (m, b, {"softcap": v})),
+    Option("sinks", st.one_of(st.none(), st.none(), st.tuples(st.integers(0, 2**16), st.sampled_from(SINK_KINDS),
+                                                              st.booleans(), st.booleans())),
+           lambda c, v, d: {"sinks": _sinks(c, d)}, lambda c, v, d, m, b: (m, b, {"sinks": _sinks(c, d)})),
 )
 # Option name -> the case key it is stored under (window_size and mask keep their names)
 KEYS = {"window_size": "window", "key_padding_mask": "kpm", "mask": "dense_mask", "alibi": "alibi",
-        "softcap": "softcap"}
+        "softcap": "softcap", "sinks": "sinks"}
 
 # Invalid perturbations: name -> the argument names its error may mention.
 INVALID = {
@@ -121,7 +144,7 @@ INVALID = {
     "seqlen_v": ("seqlen", "v", "k"), "block_size": ("block_size",), "method": ("method",),
     "softmax_scale": ("softmax_scale",), "window": ("window_size",), "kpm_shape": ("key_padding_mask",),
     "kpm_dtype": ("key_padding_mask",), "alibi_shape": ("alibi_slopes",), "causal_int": ("causal",),
-    "softcap_neg": ("softcap",), "mask_shape": ("mask",), "q_list": ("q",),
+    "softcap_neg": ("softcap",), "mask_shape": ("mask",), "q_list": ("q",), "sinks_shape": ("sinks",),
 }
 
 
@@ -205,8 +228,10 @@ def build(case):
     return q, k, v, kwargs, dims
 
 
-def reference_of(case, q, k, v, dims, dtype=torch.float64):
-    """The reference in `dtype` (float64: the oracle; q's dtype: naive_T), out and lse, differentiable."""
+def reference_of(case, q, k, v, dims, dtype=torch.float64, leaves=None):
+    """The reference in `dtype` (float64: the oracle; q's dtype: naive_T), out and lse, differentiable.
+    An option's tensor that requires grad (sinks) becomes a fresh leaf here, float64 for the oracle (its own
+    dtype for naive_T), stored in `leaves` under its keyword."""
     mask = torch.ones(1, 1, dims["sq"], dims["sk"], dtype=torch.bool)
     bias, extra = None, {}
     if case["causal"] and case.get("window", (-1, -1)) == (-1, -1):  # causal alone: window_size's rule, (-1, 0)
@@ -214,6 +239,11 @@ def reference_of(case, q, k, v, dims, dtype=torch.float64):
     for o in _options_of(case):
         mask, bias, more = o.apply(case, case[KEYS.get(o.name, o.name)], dims, mask, bias)
         extra.update(more)
+    for name, t in extra.items():
+        if torch.is_tensor(t) and t.requires_grad:
+            extra[name] = t.detach().to(torch.float64 if dtype == torch.float64 else t.dtype).requires_grad_()
+            if leaves is not None:
+                leaves[name] = extra[name]
     return reference.attention(q.to(dtype), k.to(dtype), v.to(dtype), mask=mask, bias=bias,
                                return_lse=True, **extra)
 
@@ -258,6 +288,8 @@ def corrupt(case, q, k, v, kwargs, dims):
         kwargs["mask"] = torch.ones(dims["sq"] + 1, dims["sk"] + 2, dtype=torch.bool)
     elif bad == "q_list":
         q = [[1.0]]
+    elif bad == "sinks_shape":
+        kwargs["sinks"] = torch.zeros(dims["h"] + 1) if dims["d"] % 2 else torch.zeros(1, dims["h"])
     return q, k, v, kwargs, method
 
 
@@ -292,9 +324,11 @@ def run_attention(case, call, materialised=False, allowed_named=()):
     except Exception as e:  # noqa: BLE001
         kind, msg = classify_error(e, None)
         raise Failure(kind, msg) from None
-    ref64 = reference_of(case, *hi, dims)
-    naive = reference_of(case, *lo, dims, dtype=q.dtype)
-    _check_grads_and_out(case, out, ref64, naive, ours_in, hi, lo, picked, dims, materialised)
+    opt64, opt_t = {}, {}
+    ref64 = reference_of(case, *hi, dims, leaves=opt64)
+    naive = reference_of(case, *lo, dims, dtype=q.dtype, leaves=opt_t)
+    opts = [(n, kwargs[n], opt64[n], opt_t[n]) for n in opt64]  # (name, ours, oracle's, naive's) leaves
+    _check_grads_and_out(case, out, ref64, naive, ours_in, hi, lo, picked, dims, materialised, opts)
 
 
 def _max_score(case, q, k, dims) -> float:
@@ -340,7 +374,8 @@ def _floors(case, q, k, v, dims, dout=None, materialised=False):
     return f
 
 
-def _check_grads_and_out(case, out, ref64, naive, ours_in, hi, lo, picked, dims, materialised=False):
+def _check_grads_and_out(case, out, ref64, naive, ours_in, hi, lo, picked, dims, materialised=False, opts=()):
+    """opts: (name, ours, oracle's, naive's) leaves of the options whose gradients are compared too (sinks)."""
     q, k, v = (t.detach() for t in ours_in)
     floors = _floors(case, q, k, v, dims, materialised=materialised)
     inf_in = case["special"].startswith("inf")
@@ -348,22 +383,32 @@ def _check_grads_and_out(case, out, ref64, naive, ours_in, hi, lo, picked, dims,
     if out[1] is not None:
         compare("lse", out[1], ref64[1], naive[1].to(out[1].dtype) if naive[1] is not None else None,
                 floor=floors["lse"], lse=True, inf_may_be_nan=inf_in)
-    if not picked or case["special"] not in ("none", "big", "tiny", "nan_q", "nan_q_row"):
-        return  # gradients through inf/NaN keys and values: no pattern the tiled paths must reproduce
+    undefined_sink = case.get("sinks") is not None and case["sinks"][1] in ("nan", "inf")
+    if not (picked or opts) or case["special"] not in ("none", "big", "tiny", "nan_q", "nan_q_row") or undefined_sink:
+        return  # gradients through inf/NaN keys and values, or a NaN/+inf sink (every row of its head is NaN):
+        # no pattern the tiled paths must reproduce
     dout = cotangents([ref64[0]], seed=case["seed"] % 1000)[0]
-    names = ["dq", "dk", "dv"]
-    g_ours = torch.autograd.grad(out[0], [ours_in[i] for i in picked], dout.to(out[0].dtype), allow_unused=True)
-    g64 = torch.autograd.grad(ref64[0], [hi[i] for i in picked], dout, allow_unused=True)
-    gt = torch.autograd.grad(naive[0], [lo[i] for i in picked], dout.to(naive[0].dtype), allow_unused=True)
+    names = ["dq", "dk", "dv"] + ["d" + o[0] for o in opts]
+    wrt = [[ours_in[i] for i in picked] + [o[1] for o in opts], [hi[i] for i in picked] + [o[2] for o in opts],
+           [lo[i] for i in picked] + [o[3] for o in opts]]
+    g_ours = torch.autograd.grad(out[0], wrt[0], dout.to(out[0].dtype), allow_unused=True)
+    g64 = torch.autograd.grad(ref64[0], wrt[1], dout, allow_unused=True)
+    gt = torch.autograd.grad(naive[0], wrt[2], dout.to(naive[0].dtype), allow_unused=True)
     fl = _floors(case, q, k, v, dims, dout, materialised=materialised)
+    # d sink_h = sum over the head's rows of p_sink (-dO . O'): b * Sq rows of a D-term product, each at most
+    # Ndo * Nv (O' is a sub-average of the values)
+    fl["dsinks"] = fa_floor(q.dtype, max_row_norm(dout) * max_row_norm(v), max(1, dims["b"] * dims["sq"]) * dims["d"])
     nan_rows = case["special"] in ("nan_q", "nan_q_row")
-    for i, a, r, n in zip(picked, g_ours, g64, gt):
-        x = ours_in[i]
+    # a -inf or huge logit: whether a product with it shows as NaN or inf depends on the order of the sums
+    bad_sink = case.get("sinks") is not None and case["sinks"][1] in ("-inf", "big", "-big")
+    for j, (x, a, r, n) in enumerate(zip(wrt[0], g_ours, g64, gt)):
+        i = picked[j] if j < len(picked) else 3
         a = torch.zeros_like(x) if a is None else a
         r = torch.zeros_like(x, dtype=torch.float64) if r is None else r
         n = torch.zeros_like(x) if n is None else n
-        compare(names[i], a, r, n, floor=fl[names[i]], factor=3.0, nan_only_pattern=nan_rows and i == 0,
-                within_pattern=nan_rows and i > 0)
+        compare(names[i if i < 3 else 3 + j - len(picked)], a, r, n, floor=fl[names[i] if i < 3 else "dsinks"],
+                factor=3.0, nan_only_pattern=(nan_rows and i == 0) or bad_sink,
+                within_pattern=nan_rows and i > 0 and not bad_sink)
 
 
 def attention_call(method, backend=None):

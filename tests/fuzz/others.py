@@ -185,7 +185,8 @@ PAGED_INVALID = {"negative_id": ("block_table",), "id_out_of_range": ("block_tab
                  "ctx_past_table": ("cache_seqlens", "block_table"), "ctx_negative": ("cache_seqlens",),
                  "q_longer_than_ctx": ("cache_seqlens", "q", "cu_seqlens_q"), "table_int64": ("block_table",),
                  "ctx_int64": ("cache_seqlens",), "cache_dtype": ("key_cache", "value_cache", "q"),
-                 "cache_heads": ("key_cache", "heads", "kv_heads", "q", "value_cache")}
+                 "cache_heads": ("key_cache", "heads", "kv_heads", "q", "value_cache"), "sinks_shape": ("sinks",),
+                 "sinks_dtype": ("sinks",)}
 # (entry name, forced decode kernel, the cache dtypes it reads, whether it applies ALiBi/softcap, extra cache
 # options); prefill rows (2+ queries) always run the tile primitive, decode rows the forced kernel.
 PAGED_VARIANTS = (
@@ -193,12 +194,23 @@ PAGED_VARIANTS = (
     ("paged_attention[pool]", "pool", tuple(DT), False, {}),
     ("paged_attention[gather]", "gather", tuple(DT), True, {}),
     ("paged_attention[triton]", "triton", ("float32", "float16"), True, {}),
+    # KV storage formats: PagedKVCache(..., kv_dtype=) pages, held to the FA rule against the float64
+    # reference on the dequantized cache (quantization error is the formats' own tests' business)
+    ("paged_attention[native/int8]", "native", ("float32", "bfloat16", "float16"), True, {"kv_dtype": "int8"}),
+    ("paged_attention[native/fp8_e4m3]", "native", ("float32", "bfloat16", "float16"), True,
+     {"kv_dtype": "fp8_e4m3"}),
+    ("paged_attention[native/int4]", "native", ("float32", "bfloat16", "float16"), True, {"kv_dtype": "int4"}),
+    ("paged_attention[native/int2]", "native", ("float32", "bfloat16", "float16"), True, {"kv_dtype": "int2"}),
+    ("paged_attention[gather/int8]", "gather", ("float32", "bfloat16", "float16"), True, {"kv_dtype": "int8"}),
+    ("paged_attention[gather/int4]", "gather", ("float32", "bfloat16", "float16"), True, {"kv_dtype": "int4"}),
 )
+PAGED_SINKS = [None, None, "normal", "normal", "nan", "inf", "-inf"]
 
 
 @st.composite
-def paged_cases(draw, dtypes=tuple(DT), scores=True):
-    """scores: draw ALiBi and softcap too (a forced decode kernel without them refuses such calls)."""
+def paged_cases(draw, dtypes=tuple(DT), scores=True, head_dims=(1, 4, 16, 59, 64)):
+    """scores: draw ALiBi and softcap too (a forced decode kernel without them refuses such calls).
+    head_dims: a packed KV format takes multiples of its codes per byte only."""
     b = draw(st.sampled_from([0, 1, 2, 3]))
     ctx = [draw(st.sampled_from([0, 1, 2, 5, 16, 17, 40])) for _ in range(b)]
     decode = draw(st.booleans())
@@ -206,22 +218,23 @@ def paged_cases(draw, dtypes=tuple(DT), scores=True):
     hkv = draw(st.sampled_from([1, 2]))
     return {"ctx": ctx, "lq": lq, "block_size": draw(st.sampled_from([1, 3, 4, 16])),
             "extra_blocks": draw(st.integers(0, 6)), "repeat_ids": draw(st.booleans()),
-            "hkv": hkv, "h": hkv * draw(st.sampled_from([1, 3])), "d": draw(st.sampled_from([1, 4, 16, 59, 64])),
+            "hkv": hkv, "h": hkv * draw(st.sampled_from([1, 3])), "d": draw(st.sampled_from(head_dims)),
             "dtype": draw(st.sampled_from(dtypes)), "causal": draw(st.sampled_from([True, True, False])),
             "window": draw(st.sampled_from([(-1, -1), (-1, -1), (3, 0), (0, 0)])),
             "alibi": draw(st.sampled_from([False, False, True])) if scores else False,
             "softcap": draw(st.sampled_from([0.0, 0.0, 3.0])) if scores else 0.0,
             "special": draw(st.sampled_from(["none"] * 3 + ["nan_q"])),
             "seed": draw(st.integers(0, 2**31 - 1)),
+            "sinks": draw(st.sampled_from(PAGED_SINKS)), "sinks_f32": draw(st.booleans()),
             "invalid": draw(st.sampled_from([""] * 14 + list(PAGED_INVALID)))}
 
 
 def paged_cache(case, dt, options):
     """(key_cache, value_cache, block_table, cache_seqlens) of a case: a pool whose unused slots hold NaN
     (a real pool holds stale or garbage values there; they must never be read). `options`: the variant's
-    extra cache options (a KV storage format goes here, e.g. {"kv_dtype": "int8"}, once the caches have one:
-    build the cache with ``memattn.cache.PagedKVCache(..., **options)``, write the tokens through it, and pass
-    its key_cache/value_cache views; the reference then reads its dequantised tokens)."""
+    extra cache options (a KV storage format, e.g. {"kv_dtype": "int8"}): the cache is then a
+    ``memattn.cache.PagedKVCache(..., **options)`` written through ``write``, and its key_cache/value_cache
+    pages are returned (``_format_cache``); the reference reads their dequantized tokens."""
     g = random.Random(case["seed"])
     bs, hkv, d = case["block_size"], case["hkv"], case["d"]
     per = [-(-c // bs) for c in case["ctx"]]
@@ -240,13 +253,64 @@ def paged_cache(case, dt, options):
             used.add((int(table[i, j]), i, j))
         for j in range(n, width):
             table[i, j] = g.choice([0, nblocks - 1])  # past the context: never read
+    fresh = _randn((nblocks, bs, hkv, d), dt, case["seed"] + 7), _randn((nblocks, bs, hkv, d), dt, case["seed"] + 8)
+    if options:
+        return _format_cache(case, dt, options, nblocks, used, fresh) + (table, torch.tensor(case["ctx"], dtype=torch.int32))
     kc = torch.full((nblocks, bs, hkv, d), float("nan"), dtype=dt)
     vc = torch.full((nblocks, bs, hkv, d), float("nan"), dtype=dt)
-    fresh = _randn((nblocks, bs, hkv, d), dt, case["seed"] + 7), _randn((nblocks, bs, hkv, d), dt, case["seed"] + 8)
     for blk, i, j in used:  # the tokens sequence i keeps in logical block j
         n = min(bs, case["ctx"][i] - j * bs)
         kc[blk, :n], vc[blk, :n] = fresh[0][blk, :n], fresh[1][blk, :n]
     return kc, vc, table, torch.tensor(case["ctx"], dtype=torch.int32)
+
+
+def _format_cache(case, dt, options, nblocks, used, fresh):
+    """(key pages, value pages) of a ``PagedKVCache(..., **options)`` holding the case's tokens, written
+    through ``write``; NaN tokens in the slots no sequence keeps (for KIVI's per-block key statistics: in the
+    blocks no sequence keeps), which must never be read."""
+    from memattn.cache import PagedKVCache
+    from memattn.cache.kv_formats import kv_format
+    bs, hkv, d = case["block_size"], case["hkv"], case["d"]
+    kivi = kv_format(options.get("kv_dtype", "auto")).kivi
+    extra = {"residual_blocks": nblocks} if kivi else {}  # every partial block stays at full precision
+    cache = PagedKVCache(1, nblocks, bs, hkv, d, dtype=dt, **options, **extra)
+    keep = torch.zeros(nblocks * bs, dtype=torch.bool)
+    for blk, i, j in used:
+        keep[blk * bs: blk * bs + min(bs, case["ctx"][i] - j * bs)] = True
+    if kivi:
+        keep_blocks = keep.view(nblocks, bs).any(1, keepdim=True).expand(nblocks, bs).reshape(-1)
+        stale = ~keep_blocks
+    else:
+        stale = ~keep
+    slots = keep.nonzero().flatten()
+    cache.write(slots, fresh[0].reshape(-1, hkv, d)[slots], fresh[1].reshape(-1, hkv, d)[slots])
+    bad = stale.nonzero().flatten()
+    nan = torch.full((bad.numel(), hkv, d), float("nan"), dtype=dt)
+    cache.write(bad, nan, nan)
+    return cache.key_cache(0), cache.value_cache(0)
+
+
+def _full_width(cache):
+    """A cache as the references read it: (oracle's, naive_T's). Quantized pages dequantized: for the oracle
+    in float32, unrounded (codes x scale, as a kernel reading them in place computes them), for naive_T in
+    the pool's dtype (``QuantizedPages.dequantize()``, as the gather schedule reads them); a full-width
+    tensor as it is."""
+    from memattn.cache.kv_formats import QuantizedPages
+    if not isinstance(cache, QuantizedPages):
+        return cache, cache
+    exact = QuantizedPages(cache.format, cache.side, cache.codes, cache.scale, cache.zero, cache.residual,
+                           cache.residual_map, dtype=torch.float32)
+    return exact.dequantize(), cache.dequantize()
+
+
+def _paged_sinks(case, h, dt):
+    if case.get("sinks") is None:
+        return None
+    g = torch.Generator().manual_seed(case["seed"] + 11)
+    t = 3.0 + 2.0 * torch.randn(h, generator=g, dtype=torch.float64)
+    if case["sinks"] != "normal":
+        t[int(torch.randint(0, h, (1,), generator=g))] = float(case["sinks"])
+    return t.to(torch.float32 if case["sinks_f32"] else dt)
 
 
 def check_paged(case, decode, options):
@@ -262,8 +326,10 @@ def check_paged(case, decode, options):
         torch.zeros(1, dtype=torch.int32)
     qx = q if packed else q.view(len(lq), lq[0] if lq else 1, h, d)  # batch 0: (0, 1, H, D)
     slopes = torch.linspace(0.1, 1.0, h) if case["alibi"] else None
+    sinks = _paged_sinks(case, h, dt)
     kw = dict(cu_seqlens_q=cu if packed else None, causal=case["causal"], window_size=case["window"],
-              alibi_slopes=slopes, softcap=case["softcap"], return_lse=True)
+              alibi_slopes=slopes, softcap=case["softcap"], return_lse=True, sinks=sinks)
+    (k64, kref), (v64, vref) = _full_width(kc), _full_width(vc)  # what the oracle and naive_T read
     bad = case["invalid"]
     ctxm = contextlib.nullcontext() if decode is None else memattn.use_backend(decode=decode)
 
@@ -296,19 +362,35 @@ def check_paged(case, decode, options):
             t = t.long()
         elif bad == "ctx_int64":
             c = c.long()
-        elif bad == "cache_dtype":
-            kc2 = kc.to(torch.float64 if dt != torch.float64 else torch.float32)
+        elif bad == "cache_dtype":  # (of a quantized pool: its dequantized keys in another dtype)
+            kc2 = kref.to(torch.float64 if dt != torch.float64 else torch.float32)
         elif bad == "cache_heads":
             kc2 = vc2 = torch.zeros(kc.shape[0], kc.shape[1], h + 1, d, dtype=dt)
+        elif bad == "sinks_shape":
+            over = {"sinks": torch.zeros(h + 1) if d % 2 else torch.zeros(1, h)}
+        elif bad == "sinks_dtype":
+            over = {"sinks": torch.zeros(h, dtype=torch.float64 if dt != torch.float64 else torch.float16)}
         expect_error(lambda: call(qx, kc2, vc2, t, c, **over), PAGED_INVALID[bad])
         return
     out, lse = must_run(lambda: call(qx, kc, vc, table, ctx))
     rkw = dict(kw, cu_seqlens_q=cu if packed else None)
-    r64 = reference.paged_attention(qx.double(), kc.double(), vc.double(), table, ctx, **rkw)
-    nai = reference.paged_attention(qx, kc, vc, table, ctx, **rkw)
-    fl = attention_floors(q, _finite_or_zero(kc), _finite_or_zero(vc), keys=max([1] + case["ctx"]))
-    compare("out", out, r64[0], nai[0], floor=fl["out"])
-    compare("lse", lse, r64[1], nai[1].to(lse.dtype), floor=fl["lse"], lse=True)
+    rkw64 = dict(rkw, sinks=None if sinks is None else sinks.double())
+    nai = reference.paged_attention(qx, kref, vref, table, ctx, **rkw)
+    fl = attention_floors(q, _finite_or_zero(kref), _finite_or_zero(vref), keys=max([1] + case["ctx"]))
+    # quantized pages have two readings, both the format's: a kernel reading codes in place computes codes x
+    # scale in float32, the gather schedule rounds them to the pool's dtype first. The result is held to
+    # the FA rule against the float64 reference on either (rounding of the values is not the rule's business).
+    readings = [(k64, v64)] + ([(kref, vref)] if k64 is not kref else [])
+    first = None
+    for kr, vr in readings:
+        r64 = reference.paged_attention(qx.double(), kr.double(), vr.double(), table, ctx, **rkw64)
+        try:
+            compare("out", out, r64[0], nai[0], floor=fl["out"])
+            compare("lse", lse, r64[1], nai[1].to(lse.dtype), floor=fl["lse"], lse=True)
+            return
+        except Failure as e:
+            first = first or e
+    raise first
 
 
 def _finite_or_zero(t):
@@ -789,17 +871,26 @@ PARAM_VALUES = {"n": [1, 2, 0, -1, 1.5, True, 100], "temperature": [0, 0.7, 1.0,
 PROMPTS = ["hello", "", [1, 2, 3], [], [-1], [10**6], [0], [1.5], None, 42, "x" * 200, [256, 255]]
 
 
+# engine options of LLM(...): KV storage format and StreamingLLM (a few drawn per case, the rest default)
+ENGINE_VALUES = {"kv_cache_dtype": ["auto", "int8", "fp8_e4m3", "int4", "int2", "int3", "INT8", "", 8, None],
+                 "attention_sinks": [0, 2, 4, -1, 2.5, True, "4"],
+                 "streaming_window": [None, 8, 16, 0, -4, 3.5, "8"]}
+
+
 @st.composite
 def request_cases(draw):
     params = {k: draw(st.sampled_from(v)) for k, v in PARAM_VALUES.items() if draw(st.booleans())}
-    return {"params": params, "prompt": draw(st.sampled_from(PROMPTS)),
+    engine = {k: draw(st.sampled_from(v)) for k, v in ENGINE_VALUES.items() if draw(st.booleans())}
+    return {"params": params, "prompt": draw(st.sampled_from(PROMPTS)), "engine": engine,
+            "step": draw(st.booleans()),
             "as_dict": draw(st.booleans()), "unknown": draw(st.sampled_from([False, False, False, True]))}
 
 
 @functools.lru_cache(maxsize=None)
-def _llm():
+def _llm(engine=()):
+    """A tiny random llama engine with the given engine options ((name, value) pairs), one per combination."""
     from memattn import LLM
-    return LLM("tiny-llama", num_kv_blocks=16, block_size=4, max_num_seqs=4)
+    return LLM("tiny-llama", num_kv_blocks=16, block_size=4, max_num_seqs=4, **dict(engine))
 
 
 def check_request(case):
@@ -808,15 +899,20 @@ def check_request(case):
     if case["unknown"]:
         params["best_of"] = 2
     names = tuple(params) + ("stop token id", "sampling params", "prompt")
+    engine = tuple(sorted(case.get("engine", {}).items()))
+    llm = either(lambda: _llm(engine), tuple(n for n, _ in engine) or ("model",))
+    if llm is None:
+        return  # an engine option refused, with its name
     sp = either(lambda: SamplingParams(**params), names)
     if sp is None and not case["as_dict"]:
         return
-    llm = _llm()
     arg = params if case["as_dict"] else sp
     rid = either(lambda: llm.add_request(case["prompt"], arg),
                  names + ("prompt", "token", "tokens", "n", "max_num_seqs", "max_model_len", "max_tokens", "blocks",
                           "params", "completions"))
     if rid is not None:
+        if case.get("step"):  # one engine step on the request (a quantized or streaming pool included)
+            must_run(llm.step)
         llm.abort(rid)
 
 
@@ -873,8 +969,12 @@ def ROWS(Entry):
     rows = [Entry("attention_varlen", varlen_cases(), check_varlen, quick=40)]
     for name, decode, dtypes, scores, options in PAGED_VARIANTS:
         quick = 6 if decode == "triton" else 40
-        rows.append(Entry(name, paged_cases(dtypes=dtypes, scores=scores), functools.partial(check_paged, decode=decode,
-                                                                              options=options), quick=quick))
+        if options:  # a KV storage format: a few cases each in the quick profile
+            quick = 8
+        pack = 4 if options.get("kv_dtype") == "int2" else 2 if options.get("kv_dtype") == "int4" else 1
+        dims = tuple(x for x in (1, 4, 16, 59, 64) if x % pack == 0)
+        rows.append(Entry(name, paged_cases(dtypes=dtypes, scores=scores, head_dims=dims),
+                          functools.partial(check_paged, decode=decode, options=options), quick=quick))
     rows += [
         Entry("merge_attention", merge_cases(), check_merge, quick=40),
         Entry("linear_attention", linear_cases(), check_linear, quick=40),

@@ -14,7 +14,8 @@ Quirks handled here (seen on torch 2.13):
 - no softcap: the dispatcher sends softcapped tiles to the torch tile.
 - an empty tile (no query, no key, batch or heads 0) kills the process with SIGFPE (the kernel divides
   by the length): ``tile_forward`` / ``tile_backward`` answer those themselves, never calling it.
-- a row whose scores are all NaN (a NaN in its query) comes back as out 0, lse 0, as if fully masked;
+- a row whose scores are all NaN (a NaN in its query) comes back as out 0, lse 0, as if fully masked; a
+  row with a +inf score (an inf query or key) comes back as out 0, lse +inf, not NaN;
   and an additive -inf mask does not hide a NaN/inf query, key or value (inf + -inf is NaN, 0 * inf is NaN).
   Such tiles (lse exactly 0 on a row that sees a key; a masked tile whose out holds NaN/inf, or whose
   keys/values do in the backward) are recomputed by the torch tile, which follows the reference there.
@@ -88,10 +89,11 @@ def tile_forward(q, k, v, *, scale, mask=None, bias=None, softcap=0.0, causal=Fa
         seen = visible.any(dim=-1)
         lse = torch.where(seen, lse, float("-inf"))
         o = torch.where(seen.unsqueeze(-1), o, 0.0)  # a fully masked row is 0 even with NaN in its query
-    # A seen row reported as unseen (all its scores NaN; or a true lse of 0), or in a masked tile any NaN/inf
-    # in out (a non-finite input the additive mask may have leaked; checking the one output is cheaper than
-    # the three inputs): the torch tile recomputes it.
-    if bool((lse == 0).any()) or (_masked(mask, causal) and has_nonfinite(o)):
+    # A seen row reported as unseen (all its scores NaN; or a true lse of 0), a row with a +inf score (lse
+    # +inf: the kernel returns out 0 there, where the softmax is exp(inf - inf) = NaN), or in a masked tile
+    # any NaN/inf in out (a non-finite input the additive mask may have leaked; checking the one output is
+    # cheaper than the three inputs): the torch tile recomputes it.
+    if bool(((lse == 0) | torch.isposinf(lse)).any()) or (_masked(mask, causal) and has_nonfinite(o)):
         return torch_tiles.tile_forward(q, k, v, **kw)
     return o.transpose(1, 2).to(cd), lse.to(cd)
 

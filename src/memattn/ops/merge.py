@@ -48,7 +48,8 @@ def merge_sinks(out, lse, sinks):
 
         lse' = logaddexp(lse, sink)        out' = out * exp(lse - lse') = out * sigmoid(lse - sink)
 
-    Rows that saw no key (lse -inf) stay out 0, with lse' = sink. Differentiable in out, lse and
+    Rows that saw no key (lse -inf) stay out 0, with lse' = sink (-inf for a -inf sink); a +inf sink
+    gives NaN rows (lse' +inf), as the materialised sink column does. Differentiable in out, lse and
     sinks: d sink = sum over rows of p_sink * (dlse' - rowsum(dO' * out')), p_sink = exp(sink - lse').
 
     Args:
@@ -58,7 +59,13 @@ def merge_sinks(out, lse, sinks):
     Returns:
         out' (..., S, H, D) in out's dtype (scaled in lse's dtype), lse' (..., H, S) in lse's dtype.
     """
-    s = sinks.to(lse.dtype).unsqueeze(-1)  # (H, 1) broadcasts over (..., H, S)
-    merged = torch.logaddexp(lse, s)
-    keep = torch.exp(lse - merged)  # sigmoid(lse - sink); 0 where lse is -inf
+    s = sinks.to(lse.dtype).unsqueeze(-1).expand_as(lse)  # (H, 1) broadcasts over (..., H, S)
+    # a row that saw no key with a sink of -inf saw nothing at all: out 0, lse -inf, as without the sink
+    # (logaddexp(-inf, -inf)'s exp(-inf - -inf) is NaN, forward and backward: kept out of both)
+    empty = torch.isneginf(lse) & torch.isneginf(s)
+    merged = torch.logaddexp(lse.masked_fill(empty, 0.0), s.masked_fill(empty, 0.0)).masked_fill(empty, float("-inf"))
+    keep = torch.exp(lse - merged.masked_fill(empty, 0.0))  # sigmoid(lse - sink); 0 where lse is -inf
+    # a +inf sink is a fault to show, not a weight that silences the row: every row of its head is NaN, as
+    # the oracle's softmax is there (its sink column's weight is exp(inf - inf))
+    keep = keep.masked_fill(torch.isposinf(s), float("nan"))
     return (out.to(lse.dtype) * keep.transpose(-1, -2).unsqueeze(-1)).to(out.dtype), merged
