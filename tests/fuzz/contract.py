@@ -29,6 +29,17 @@ class Failure(Exception):
         self.kind = kind
 
 
+def stored_p_floor(dtype: torch.dtype, v) -> float:
+    """The out floor's extra term for a tile that stores its softmax weights P in a half-precision dtype before
+    the P @ V product (PyTorch's fused CPU flash kernel does, as FlashAttention does on GPU): each weight moves by
+    a relative u = eps / 2, so out_i = sum_j P_ij v_j by at most u * sum_j P_ij |v_j| <= u * max|v|. The naive run
+    in that dtype rounds P too, but its rounding can cancel by chance (seen: a float16 naive error of 3e-7 where
+    the tile's was 6e-5 and this term 7e-5), so the rule cannot rely on it. 0 for float32 and float64."""
+    if dtype not in (torch.float16, torch.bfloat16):
+        return 0.0
+    return torch.finfo(dtype).eps / 2 * amax(v)
+
+
 def wrong(message):
     raise Failure(WRONG, message)
 

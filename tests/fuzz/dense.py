@@ -19,7 +19,7 @@ import memattn
 from memattn import reference
 from conftest import amax, attention_floors, cotangents, fa_floor, max_row_norm
 
-from .contract import classify_error, compare, wrong, OK, Failure
+from .contract import classify_error, compare, stored_p_floor, wrong, OK, Failure
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
 LENGTHS = st.sampled_from([0, 1, 1, 2, 3, 5, 8, 13, 17, 33, 70])
@@ -352,6 +352,8 @@ def _floors(case, q, k, v, dims, dout=None, materialised=False):
     rounding d carried through the softmax: lse by d, out by 2 Mv d, the gradients as ``attention_floors``'
     "*_alone" entries carry the lse floor (P moves by a relative 2 d)."""
     f = attention_floors(q, k, v, dout, keys=max(1, dims["sk"]))
+    if not materialised:  # flash-style tiles (the fused CPU kernel) store P in q's dtype
+        f["out"] += stored_p_floor(q.dtype, v)
     if dout is not None and not materialised:
         # a flash backward recomputes P = exp(s - lse) from the lse it saved in float32 (float64 for float64):
         # lse rounded there moves every P of the row by a relative u * |lse| (|lse| <= max|score| + log Sk),

@@ -22,7 +22,7 @@ from memattn import reference
 from conftest import amax, attention_floors, linear_floors
 
 from . import dense
-from .contract import OK, Failure, classify_error, compare, wrong
+from .contract import OK, Failure, classify_error, compare, stored_p_floor, wrong
 
 DT = dense.DTYPES
 
@@ -377,6 +377,7 @@ def check_paged(case, decode, options):
     rkw64 = dict(rkw, sinks=None if sinks is None else sinks.double())
     nai = reference.paged_attention(qx, kref, vref, table, ctx, **rkw)
     fl = attention_floors(q, _finite_or_zero(kref), _finite_or_zero(vref), keys=max([1] + case["ctx"]))
+    fl["out"] += stored_p_floor(dt, _finite_or_zero(vref))  # the gather schedule runs the fused tile
     # quantized pages have two readings, both the format's: a kernel reading codes in place computes codes x
     # scale in float32, the gather schedule rounds them to the pool's dtype first. The result is held to
     # the FA rule against the float64 reference on either (rounding of the values is not the rule's business).
