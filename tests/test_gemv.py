@@ -12,24 +12,37 @@ pytestmark = pytest.mark.skipif(not native.available(), reason="no C compiler: g
 @pytest.mark.parametrize("rows,n,k", [(1, 960, 576), (1, 7, 13), (3, 130, 77), (8, 1029, 64), (5, 1, 8),
                                         (19, 70, 64)])  # 19 rows: three runs
 @pytest.mark.parametrize("bias", [False, True])
-def test_linear_matches_float64(dtype, rows, n, k, bias):
+def test_linear_matches_float64(dtype, rows, n, k, bias, monkeypatch):
     seed = rows * 1000 + n + k
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(rows, k, generator=g).to(dtype)
     w = torch.randn(n, k, generator=g).to(dtype)
     b = torch.randn(n, generator=g).to(dtype) if bias else None
     ref = F.linear(x.double(), w.double(), b.double() if bias else None)
-    for route in (True, False):
-        gemv.ROUTE_FLOAT32 = route
-        try:
-            out = gemv.linear(x, w, b)
-        finally:
-            gemv.ROUTE_FLOAT32 = True
+    # both float32 routings, and both half routings (C kernel / the CPU's native half matmul) whatever this CPU is
+    for route, native_half in ((True, False), (False, True)):
+        monkeypatch.setattr(gemv, "ROUTE_FLOAT32", route)
+        monkeypatch.setattr(gemv, "native_half_matmul", lambda dt, v=native_half: v)
+        out = gemv.linear(x, w, b)
         assert out.dtype == dtype and out.shape == (rows, n)
         # float32 accumulation, then one rounding to dtype: half an ulp of dtype plus float32 sums
         tol = torch.finfo(dtype).eps * ref.abs().max().item() + 1e-5 * k * (x.double().abs().max() * w.double().abs().max()).item()
         err = (out.double() - ref).abs().max().item()
         assert err <= tol, f"seed {seed}: {err} > {tol}"
+
+
+def test_native_half_matmul_reads_the_cpu_flags(monkeypatch):
+    gemv.native_half_matmul.cache_clear()
+    try:
+        monkeypatch.setattr(native, "cpu_flags", lambda: "flags : fpu sse2 avx2 avx512f avx512_bf16")
+        assert gemv.native_half_matmul(torch.bfloat16) and not gemv.native_half_matmul(torch.float16)
+        assert gemv._c_rows(torch.bfloat16) == 1 and gemv._c_rows(torch.float16) == gemv.CHUNKED_ROWS
+        assert gemv._c_rows(torch.float32) == gemv.CHUNKED_ROWS
+        gemv.native_half_matmul.cache_clear()
+        monkeypatch.setattr(native, "cpu_flags", lambda: "flags : fpu sse2 avx2 amx_fp16")
+        assert gemv.native_half_matmul(torch.float16) and not gemv.native_half_matmul(torch.bfloat16)
+    finally:
+        gemv.native_half_matmul.cache_clear()
 
 
 def test_many_rows_and_odd_shapes_fall_back():

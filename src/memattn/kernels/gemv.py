@@ -9,11 +9,18 @@ stalled badly when the machine was loaded. More rows (prefill) go to PyTorch (up
 rows still run here, ``MAX_ROWS`` at a time): float32 as is; half precision by widening the weight to float32
 for one float32 GEMM (the same arithmetic as a half-precision GEMM that accumulates in float32, faster where
 the CPU has no native bfloat16 matmul; the temporary copy costs far less than the GEMM's flops).
+
+Where the CPU multiplies the half dtype natively (AVX512-BF16 or AMX for bfloat16, AVX512-FP16 or AMX-FP16 for
+float16: ``native_half_matmul``), oneDNN's half GEMM is ~3x the float32 one (2-core EPYC with AVX512-BF16: 380
+against 126 GFLOP/s), so products of more than one row stay in the half dtype through PyTorch, and only the
+one-row GEMV (bandwidth-bound, where the C kernel still wins) runs here.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from functools import lru_cache
 
 from . import native
 
@@ -27,6 +34,20 @@ CHUNKED_ROWS = 32
 # float32 few-row products through the C kernel too (else MKL's sgemv: ~25% slower in a whole decode step here)
 ROUTE_FLOAT32 = True
 DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+# CPU flags (any one suffices) under which oneDNN multiplies the half dtype natively, accumulating in float32
+_NATIVE_HALF_FLAGS = {torch.bfloat16: ("avx512_bf16", "amx_bf16"), torch.float16: ("avx512_fp16", "amx_fp16")}
+
+
+@lru_cache(maxsize=None)
+def native_half_matmul(dtype: torch.dtype) -> bool:
+    """Whether this CPU has a native matmul for half `dtype` (bfloat16 / float16), read from its flags."""
+    flags = native.cpu_flags().split()
+    return any(f in flags for f in _NATIVE_HALF_FLAGS.get(dtype, ()))
+
+
+def _c_rows(dtype: torch.dtype) -> int:
+    """The most rows of `dtype` that go through the C kernel: 1 where the CPU has a native half matmul."""
+    return 1 if dtype in _NATIVE_HALF_FLAGS and native_half_matmul(dtype) else CHUNKED_ROWS
 
 
 def supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -37,11 +58,15 @@ def supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)``, through the C kernel for <= MAX_ROWS rows of CPU float32/bfloat16/float16
-    (up to CHUNKED_ROWS rows in runs of MAX_ROWS)."""
+    (up to CHUNKED_ROWS rows in runs of MAX_ROWS; one row for a half dtype the CPU multiplies natively).
+
+    x: (..., K), weight: (N, K), bias: (N,) or None -> (..., N) in x's dtype."""
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     half = x.dtype in (torch.bfloat16, torch.float16)
-    if not 1 <= rows <= CHUNKED_ROWS or not supported(x, weight) or (x.dtype == torch.float32 and not ROUTE_FLOAT32):
-        if half and x.device.type == "cpu" and rows > CHUNKED_ROWS:
+    c_rows = _c_rows(x.dtype)
+    if not 1 <= rows <= c_rows or not supported(x, weight) or (x.dtype == torch.float32 and not ROUTE_FLOAT32):
+        # widen only where the CPU lacks a native half matmul (else the half GEMM is the faster one)
+        if half and x.device.type == "cpu" and rows > CHUNKED_ROWS and not native_half_matmul(x.dtype):
             b = bias.float() if bias is not None else None
             return F.linear(x.float(), weight.float(), b).to(x.dtype)
         return F.linear(x, weight, bias)

@@ -33,7 +33,8 @@ _lib = None
 _tried = False
 
 
-def _cpu_flags() -> str:
+def cpu_flags() -> str:
+    """The CPU's feature flags line from /proc/cpuinfo (``platform.processor()`` where there is none)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -51,7 +52,7 @@ def _cache_dir() -> Path:
 
 def _build(cc: str) -> Path:
     src = b"".join(p.read_bytes() for p in _SOURCES + _HEADERS)
-    key = hashlib.sha256(src + " ".join([cc, *_FLAGS, platform.machine(), _cpu_flags()]).encode()).hexdigest()[:16]
+    key = hashlib.sha256(src + " ".join([cc, *_FLAGS, platform.machine(), cpu_flags()]).encode()).hexdigest()[:16]
     for root in (_cache_dir(), Path(tempfile.gettempdir()) / f"memattn-{os.getuid() if hasattr(os, 'getuid') else 0}"):
         target = root / f"native-{key}" / "memattn_native.so"
         if target.exists():
