@@ -106,13 +106,15 @@ def tile_backward(dout, q, k, v, out, lse, delta, *, scale, mask=None, bias=None
         cd = compute_dtype(q.dtype)
         return torch.zeros(q.shape, dtype=cd, device=q.device), torch.zeros(k.shape, dtype=cd, device=k.device), \
             torch.zeros(v.shape, dtype=cd, device=v.device)
-    # a NaN query row (its lse NaN), or a NaN/inf input a masked tile may leak into dq, dk, dv (NaN + -inf)
-    if has_nonfinite(lse[~torch.isneginf(lse)]) or (_masked(mask, causal) and has_nonfinite(q, k, v)):
+    # an unseen row (lse -inf) enters the kernel as lse 0 (its p is exactly 0 there through the mask); what stays
+    # non-finite is a NaN query row (its lse NaN) -- one reduction, where boolean indexing copied lse each tile
+    lse_safe = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse).to(compute_dtype(q.dtype))
+    # that row, or a NaN/inf input a masked tile may leak into dq, dk, dv (NaN + -inf): the torch tile
+    if has_nonfinite(lse_safe) or (_masked(mask, causal) and has_nonfinite(q, k, v)):
         delta = (dout.to(compute_dtype(q.dtype)) * out.to(compute_dtype(q.dtype))).sum(-1).transpose(1, 2)
         return torch_tiles.tile_backward(dout, q, k, v, out, lse, delta, scale=scale, mask=mask, bias=bias,
                                          causal=causal)
     add = _additive(mask, bias, q.dtype)
-    lse_safe = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse).to(compute_dtype(q.dtype))
     dq, dk, dv = _aten_backward(_bhsd(dout.to(q.dtype)), _bhsd(q), _bhsd(k), _bhsd(v), _bhsd(out.to(q.dtype)),
                                 lse_safe.contiguous(), scale, add, causal)
     return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
