@@ -387,8 +387,9 @@ static void run_item(const job_t *J, int64_t item) {
         const int64_t p = J->table[b * J->table_width + j];
         const int64_t rslot = J->rmap ? J->rmap[p] : -1;
         const int quant = (sym || kivi) && rslot < 0; /* codes to scale; a residual block is plain float32 */
-        /* the block PREFETCH ahead: a kv head's slice of it is requested while that head's slice of this
-         * block is computed, so its loads are in flight, spread evenly, while this one computes */
+        /* the block PREFETCH ahead: a kv head's slice of it is requested just before that head's slice of
+         * this block is scored (keys) or accumulated (values), so its loads are in flight, spread evenly,
+         * while this one computes */
         const char *kn = NULL, *vn = NULL;
         if (PREFETCH && j + PREFETCH < j1) {
             const int64_t pn = J->table[b * J->table_width + j + PREFETCH];
@@ -420,7 +421,6 @@ static void run_item(const job_t *J, int64_t item) {
             hb = res_head, sc = scores_res, va = values_res;
         }
         for (int64_t kh = 0; kh < Hkv; kh++) {
-            if (kn) prefetch_rows(kn + kh * head_bytes, bs, row_bytes, head_bytes);
             if (quant && kivi) { /* q . (code * ks + kz) = (q * ks) . code + q . kz, per channel */
                 const _Float16 *ks = (const _Float16 *)J->ks + (p * Hkv + kh) * D;
                 const _Float16 *kz = (const _Float16 *)J->kz + (p * Hkv + kh) * D;
@@ -436,7 +436,13 @@ static void run_item(const job_t *J, int64_t item) {
         /* TOKEN_CHUNK tokens of every head at a time: the block is read front to back, row after row */
         for (int64_t ta = t0; ta < t1; ta += TOKEN_CHUNK) {
             const int64_t tb = ta + TOKEN_CHUNK < t1 ? ta + TOKEN_CHUNK : t1;
-            for (int64_t kh = 0; kh < Hkv; kh++) sc(qh[kh * g], kb + kh * hb, Hkv * D, g, D, ta, tb, s[kh * g], bs);
+            for (int64_t kh = 0; kh < Hkv; kh++) {
+                /* kv head kh's slice of the next block, requested just before kh's slice of this one is
+                 * scored: the loads stay spread over the block's work (one burst for all heads queued
+                 * behind each other; measured ~10% slower on the EPYC at 32 x 4096, fp32) */
+                if (kn && ta == t0) prefetch_rows(kn + kh * head_bytes, bs, row_bytes, head_bytes);
+                sc(qh[kh * g], kb + kh * hb, Hkv * D, g, D, ta, tb, s[kh * g], bs);
+            }
         }
         if (quant)
             for (int64_t kh = 0; kh < Hkv; kh++)
@@ -470,7 +476,6 @@ static void run_item(const job_t *J, int64_t item) {
             l[r] += sum;
         }
         for (int64_t kh = 0; kh < Hkv; kh++) {
-            if (vn) prefetch_rows(vn + kh * head_bytes, bs, row_bytes, head_bytes);
             if (quant) /* the weights become p_t * scale_t (KIVI: the zero points' share summed aside) */
                 for (int64_t r = kh * g; r < (kh + 1) * g; r++) {
                     if (sym) {
@@ -487,7 +492,10 @@ static void run_item(const job_t *J, int64_t item) {
         }
         for (int64_t ta = t0; ta < t1; ta += TOKEN_CHUNK) {
             const int64_t tb = ta + TOKEN_CHUNK < t1 ? ta + TOKEN_CHUNK : t1;
-            for (int64_t kh = 0; kh < Hkv; kh++) va(acc[kh * g], vb + kh * hb, Hkv * D, g, D, ta, tb, s[kh * g], bs);
+            for (int64_t kh = 0; kh < Hkv; kh++) {
+                if (vn && ta == t0) prefetch_rows(vn + kh * head_bytes, bs, row_bytes, head_bytes); /* as for k */
+                va(acc[kh * g], vb + kh * hb, Hkv * D, g, D, ta, tb, s[kh * g], bs);
+            }
         }
         if (quant && kivi)
             for (int64_t r = 0; r < H; r++) {
