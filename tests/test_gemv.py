@@ -10,7 +10,9 @@ pytestmark = pytest.mark.skipif(not native.available(), reason="no C compiler: g
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("rows,n,k", [(1, 960, 576), (1, 7, 13), (3, 130, 77), (8, 1029, 64), (5, 1, 8),
-                                        (19, 70, 64)])  # 19 rows: three runs
+                                        (19, 70, 64),  # 19 rows: three runs
+                                        # every row count's kernel, k past and short of its unrolled step
+                                        (2, 33, 77), (4, 65, 40), (6, 17, 24), (7, 9, 200), (2, 5, 7)])
 @pytest.mark.parametrize("bias", [False, True])
 def test_linear_matches_float64(dtype, rows, n, k, bias, monkeypatch):
     seed = rows * 1000 + n + k

@@ -2,8 +2,8 @@
  * w row-major as nn.Linear stores it (float32, bfloat16 or float16), float32 arithmetic, y rounded to x's dtype.
  *
  * A decode step with few rows is bound by reading the weights once. Each thread takes a contiguous run of
- * rows of w and streams it front to back (one row at a time for M = 1, which the prefetchers follow best; a few
- * rows at a time for M > 1), dot products against all M rows of x (kept in L1 as float32). bfloat16 widens by a 16-bit shift, float16 by conversion (F16C): half the bytes of float32 to
+ * rows of w and streams it front to back, one row at a time (which the prefetchers follow best), dot products
+ * against all M rows of x (kept in L1 as float32). bfloat16 widens by a 16-bit shift, float16 by conversion (F16C): half the bytes of float32 to
  * stream. The threads are pool.c's (persistent; they spin briefly between calls, then sleep).
  *
  * Built on first use by memattn/kernels/native.py (cc -O3 -march=native -pthread) and called through ctypes.
@@ -46,6 +46,11 @@ static inline float hsum(v8 a) {
     for (int i = 0; i < 8; i++) s += a[i];
     return s;
 }
+/* a[0] + ... + a[u-1] pairwise: (a0 + a1) + (a2 + a3) for four */
+static inline v8 combine(const v8 *a, int u) {
+    if (u >= 4) return (a[0] + a[1]) + (a[2] + a[3]);
+    return u >= 2 ? a[0] + a[1] : a[0];
+}
 
 typedef struct {
     int dtype;            /* of w: 0 float32, 1 bfloat16, 2 float16 */
@@ -58,86 +63,50 @@ typedef struct {
     int64_t rows_per_part, parts;
 } job_t;
 
-/* Rows [n0, n1) of y, M rows of x and R rows of w at a time, both compile-time constants so that the M x R
- * accumulators stay in registers. */
-#define ROWS(T, LOAD, MM, RR)                                                                                \
+/* Rows [n0, n1) of y for MM rows of x (a compile-time constant): one row of w at a time, front to back, so each
+ * thread reads its run of w as a single sequential stream, which the hardware prefetchers follow best (several
+ * rows of w read side by side are short streams a row apart: measured ~10 GB/s against ~23 for one stream on
+ * the 2-core EPYC, 49152 x 576 float32). U accumulators per row of x over k (U * 8 consecutive k per step)
+ * hide the FMA latency: MM * U independent sums. No software prefetch: on that EPYC a prefetch 1 KiB ahead cut
+ * the one-row stream from ~28 to ~22 GB/s (the hardware prefetchers already run ahead of a plain read). */
+#define ROWS(T, LOAD, MM, U)                                                                                 \
     static void rows_##T##_##MM(const job_t *J, int64_t n0, int64_t n1) {                                   \
-        const int64_t K = J->K, K8 = K & ~(int64_t)7;                                                        \
+        const int64_t K = J->K, KU = K & ~(int64_t)(8 * (U) - 1), K8 = K & ~(int64_t)7;                      \
         const size_t es = T == 0 ? 4 : 2;                                                                    \
         const char *w = (const char *)J->w;                                                                  \
         const float *x = J->x;                                                                               \
-        int64_t n = n0;                                                                                      \
-        for (; n + RR <= n1; n += RR) {                                                                      \
-            const char *r0 = w + (size_t)n * K * es;                                                         \
-            v8 acc[MM][RR];                                                                                  \
+        for (int64_t n = n0; n < n1; n++) {                                                                  \
+            const char *r = w + (size_t)n * K * es;                                                          \
+            v8 acc[MM][U];                                                                                   \
             _Pragma("GCC unroll 8") for (int m = 0; m < MM; m++)                                             \
-                _Pragma("GCC unroll 8") for (int j = 0; j < RR; j++) acc[m][j] = (v8){0};                    \
-            for (int64_t k = 0; k < K8; k += 8) {                                                            \
-                v8 wv[RR];                                                                                   \
-                _Pragma("GCC unroll 8") for (int j = 0; j < RR; j++) wv[j] = LOAD(r0 + ((size_t)j * K + k) * es); \
-                _Pragma("GCC unroll 8") for (int m = 0; m < MM; m++) {                                       \
-                    v8 xv = *(const v8 *)(x + m * K + k);                                                    \
-                    _Pragma("GCC unroll 8") for (int j = 0; j < RR; j++) acc[m][j] += wv[j] * xv;            \
+                _Pragma("GCC unroll 8") for (int u = 0; u < U; u++) acc[m][u] = (v8){0};                     \
+            int64_t k = 0;                                                                                   \
+            for (; k < KU; k += 8 * (U)) {                                                                   \
+                _Pragma("GCC unroll 8") for (int u = 0; u < U; u++) {                                        \
+                    const v8 wv = LOAD(r + (k + 8 * u) * es);                                                \
+                    _Pragma("GCC unroll 8") for (int m = 0; m < MM; m++)                                     \
+                        acc[m][u] += wv * *(const v8 *)(x + m * K + k + 8 * u);                              \
                 }                                                                                            \
             }                                                                                                \
-            for (int m = 0; m < MM; m++)                                                                     \
-                for (int j = 0; j < RR; j++) {                                                               \
-                    float sum = hsum(acc[m][j]);                                                             \
-                    for (int64_t k = K8; k < K; k++) sum += x[m * K + k] * load1(T, w, (n + j) * K + k);     \
-                    if (J->bias) sum += J->bias[n + j];                                                      \
-                    store1(J->out_dtype, J->y, m * J->N + n + j, sum);                                       \
-                }                                                                                            \
-        }                                                                                                    \
-        for (; n < n1; n++) {                                                                                \
-            const char *r0 = w + (size_t)n * K * es;                                                         \
+            for (; k < K8; k += 8) {                                                                         \
+                const v8 wv = LOAD(r + k * es);                                                              \
+                _Pragma("GCC unroll 8") for (int m = 0; m < MM; m++) acc[m][0] += wv * *(const v8 *)(x + m * K + k); \
+            }                                                                                                \
             for (int m = 0; m < MM; m++) {                                                                   \
-                v8 acc = {0};                                                                                \
-                for (int64_t k = 0; k < K8; k += 8) acc += LOAD(r0 + k * es) * *(const v8 *)(x + m * K + k); \
-                float sum = hsum(acc);                                                                       \
-                for (int64_t k = K8; k < K; k++) sum += x[m * K + k] * load1(T, w, n * K + k);               \
+                float sum = hsum(combine(acc[m], U));                                                        \
+                for (int64_t kk = K8; kk < K; kk++) sum += x[m * K + kk] * load1(T, w, n * K + kk);          \
                 if (J->bias) sum += J->bias[n];                                                              \
                 store1(J->out_dtype, J->y, m * J->N + n, sum);                                               \
             }                                                                                                \
         }                                                                                                    \
     }
 
-/* M = 1: one row of w at a time, front to back (a single sequential stream per thread, which the hardware
- * prefetchers follow best), four accumulators over k for the FMA latency. No software prefetch: on the
- * 2-core EPYC this was tuned on, a prefetch 1 KiB ahead cut the stream from ~28 to ~22 GB/s (the hardware
- * prefetchers already run ahead of a plain front-to-back read). */
-#define ROW1(T, LOAD)                                                                                        \
-    static void rows_##T##_1s(const job_t *J, int64_t n0, int64_t n1) {                                     \
-        const int64_t K = J->K, K32 = K & ~(int64_t)31, K8 = K & ~(int64_t)7;                                \
-        const size_t es = T == 0 ? 4 : 2;                                                                    \
-        const char *w = (const char *)J->w;                                                                  \
-        const float *x = J->x;                                                                               \
-        for (int64_t n = n0; n < n1; n++) {                                                                  \
-            const char *r = w + (size_t)n * K * es;                                                          \
-            v8 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};                                                       \
-            int64_t k = 0;                                                                                   \
-            for (; k < K32; k += 32) {                                                                       \
-                a0 += LOAD(r + k * es) * *(const v8 *)(x + k);                                               \
-                a1 += LOAD(r + (k + 8) * es) * *(const v8 *)(x + k + 8);                                     \
-                a2 += LOAD(r + (k + 16) * es) * *(const v8 *)(x + k + 16);                                   \
-                a3 += LOAD(r + (k + 24) * es) * *(const v8 *)(x + k + 24);                                   \
-            }                                                                                                \
-            for (; k < K8; k += 8) a0 += LOAD(r + k * es) * *(const v8 *)(x + k);                            \
-            float sum = hsum((a0 + a1) + (a2 + a3));                                                         \
-            for (; k < K; k++) sum += x[k] * load1(T, w, n * K + k);                                         \
-            if (J->bias) sum += J->bias[n];                                                                  \
-            store1(J->out_dtype, J->y, n, sum);                                                              \
-        }                                                                                                    \
-    }
-ROW1(0, load8_f32)
-ROW1(1, load8_bf16)
-ROW1(2, load8_f16)
-
 #define ALL_M(T, LOAD)                                                                                       \
-    ROWS(T, LOAD, 2, 4) ROWS(T, LOAD, 3, 2) ROWS(T, LOAD, 4, 2)                          \
+    ROWS(T, LOAD, 1, 4) ROWS(T, LOAD, 2, 4) ROWS(T, LOAD, 3, 2) ROWS(T, LOAD, 4, 2)                          \
     ROWS(T, LOAD, 5, 2) ROWS(T, LOAD, 6, 1) ROWS(T, LOAD, 7, 1) ROWS(T, LOAD, 8, 1)                          \
     static void rows_##T(const job_t *J, int64_t n0, int64_t n1) {                                           \
         switch (J->M) {                                                                                      \
-        case 1: rows_##T##_1s(J, n0, n1); break; /* (bfloat16 ~2x the four-row version's GB/s) */           \
+        case 1: rows_##T##_1(J, n0, n1); break;                                                              \
         case 2: rows_##T##_2(J, n0, n1); break;                                                              \
         case 3: rows_##T##_3(J, n0, n1); break;                                                              \
         case 4: rows_##T##_4(J, n0, n1); break;                                                              \
