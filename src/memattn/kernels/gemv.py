@@ -17,10 +17,10 @@ one-row GEMV (bandwidth-bound, where the C kernel still wins) runs here.
 """
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 import torch.nn.functional as F
-
-from functools import lru_cache
 
 from . import native
 
@@ -47,7 +47,7 @@ def native_half_matmul(dtype: torch.dtype) -> bool:
 
 def _c_rows(dtype: torch.dtype) -> int:
     """The most rows of `dtype` that go through the C kernel: 1 where the CPU has a native half matmul."""
-    return 1 if dtype in _NATIVE_HALF_FLAGS and native_half_matmul(dtype) else CHUNKED_ROWS
+    return 1 if native_half_matmul(dtype) else CHUNKED_ROWS
 
 
 def supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
