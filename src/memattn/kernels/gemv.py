@@ -11,8 +11,8 @@ for one float32 GEMM (the same arithmetic as a half-precision GEMM that accumula
 the CPU has no native bfloat16 matmul; the temporary copy costs far less than the GEMM's flops).
 
 Where the CPU multiplies the half dtype natively (AVX512-BF16 or AMX for bfloat16, AVX512-FP16 or AMX-FP16 for
-float16: ``native_half_matmul``), oneDNN's half GEMM is ~3x the float32 one (2-core EPYC with AVX512-BF16: 380
-against 126 GFLOP/s), so products of more than one row stay in the half dtype through PyTorch, and only the
+float16: ``native_half_matmul``), oneDNN's half GEMM is 2-3x the float32 one (2-core EPYC with AVX512-BF16: 380
+against 126, and 437 against 194 GFLOP/s in two runs), so products of more than one row stay in the half dtype through PyTorch, and only the
 one-row GEMV (bandwidth-bound, where the C kernel still wins) runs here.
 """
 from __future__ import annotations
