@@ -6,8 +6,8 @@ projections with) against ``torch.nn.functional.linear`` on the same tensors.
 Shapes: SmolLM2-135M's projections (qkv 576 -> 960, gate/up 576 -> 3072, down 1536 -> 576) and its LM head
 (576 -> 49152: 113 MB in float32, larger than the last-level cache, so it measures the stream from memory), for
 1, 2, 4 and 8 rows, float32 and bfloat16. Each case first checks both against float64 (the FlashAttention-style
-bound: 2 x the baseline's own error, plus the float64 product's rounding to the dtype and eps x its magnitude), then times them
-interleaved after a warm-up, median of ``--repeats``. Records carry ``weight_gbps`` (weight bytes / time).
+bound: 2 x the baseline's own error, plus the float64 product's rounding to the dtype and eps x its magnitude),
+then times them interleaved after a warm-up, median of ``--repeats``. Records carry ``weight_gbps`` (weight bytes / time).
 """
 from __future__ import annotations
 
