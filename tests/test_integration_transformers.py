@@ -11,6 +11,8 @@ transformers = pytest.importorskip("transformers")
 
 from memattn.engine.models import PRESETS  # noqa: E402
 from memattn.integrations.transformers import register  # noqa: E402
+from hf_training import (ORACLE, TRAIN_CONFIGS, assert_training_matches, grads_of, loss_and_grads,  # noqa: E402
+                         summed_loss, train_models)
 
 NAME = register()
 BERT = dict(model_type="bert", vocab_size=320, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -74,102 +76,7 @@ def test_minilm_sentence_embeddings():
 
 
 # ---------------------------------------------------------------- training: loss and every gradient vs eager
-#
-# The oracle is transformers' own dense mask (sdpa_mask) with memattn's materialised float64 reference
-# attention; HF eager is the naive path (it takes its softmax in float32 even for float64 models, so it is
-# not itself an oracle: FlashAttention's rule bounds our error by twice its error plus a float64 floor).
-
-ORACLE = "memattn_oracle64"
-NO_DROPOUT = dict(attention_dropout=0.0)
-TRAIN_CONFIGS = {
-    "llama": dict(PRESETS["tiny-llama"], **NO_DROPOUT),
-    # layer 0 full, layer 1 sliding (window 6 < the sequences here)
-    "qwen2": dict(PRESETS["tiny-qwen2"], use_sliding_window=True, sliding_window=6, max_window_layers=1, **NO_DROPOUT),
-    "gemma2": dict(model_type="gemma2", vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                   num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=6,
-                   attn_logit_softcapping=5.0, final_logit_softcapping=None, max_position_embeddings=512, **NO_DROPOUT),
-    "gpt2": dict(PRESETS["tiny-gpt2"], attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0),
-    "gpt_oss": dict(model_type="gpt_oss", vocab_size=320, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
-                    num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=6, num_local_experts=2,
-                    num_experts_per_tok=1, max_position_embeddings=512, **NO_DROPOUT),
-}
-
-
-def _oracle_attention(module, query, key, value, attention_mask, *, scaling=None, dropout=0.0, softcap=None,
-                      s_aux=None, **kwargs):
-    from memattn import reference
-
-    q, k, v = (t.transpose(1, 2) for t in (query, key, value))
-    mask = None if attention_mask is None else attention_mask[..., :k.shape[1]]
-    if mask is None and q.shape[1] > 1:
-        mask = torch.ones(q.shape[1], k.shape[1], dtype=torch.bool).tril(k.shape[1] - q.shape[1])
-    return reference.attention(q, k, v, mask=mask, softmax_scale=scaling, softcap=softcap or 0.0, sinks=s_aux), None
-
-
-def _register_oracle():
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-    AttentionInterface.register(ORACLE, _oracle_attention)
-    AttentionMaskInterface.register(ORACLE, sdpa_mask)
-
-
-_register_oracle()
-
-
-def _train_models(arch, impls, seed):
-    """One float64 random-init model per attention implementation, all with the same weights."""
-    torch.manual_seed(seed)
-    extra = dict(experts_implementation="eager") if arch == "gpt_oss" else {}  # grouped_mm has no float64
-    models = [transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(**TRAIN_CONFIGS[arch]),
-                                                            attn_implementation=impl, dtype=torch.float64, **extra)
-              for impl in impls]
-    if arch == "gpt_oss":  # sinks start at zero-ish: make them matter
-        with torch.no_grad():
-            for layer in models[0].model.layers:
-                layer.self_attn.sinks.normal_()
-    for m in models:
-        m.load_state_dict(models[0].state_dict())
-        m.train()
-        assert m.config._attn_implementation in impls
-    return models
-
-
-def _summed_loss(model, labels, **batch):
-    """The causal-LM loss (labels shifted, -100 ignored), summed, in the model's float64: transformers' own
-    loss path takes ``logits.float()`` and so would round a float64 model's loss to float32."""
-    logits = model(**batch, use_cache=False).logits
-    return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(),
-                                             ignore_index=-100, reduction="sum")
-
-
-def _grads(model, loss_fn):
-    model.zero_grad()
-    loss = loss_fn()
-    loss.backward()
-    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-
-def _loss_and_grads(model, **batch):
-    return _grads(model, lambda: _summed_loss(model, **batch))
-
-
-def _assert_training_matches(name, ours, oracle, naive, seed):
-    """FA rule on the loss and on every parameter's gradient (factor 3), float64 floors: a network's
-    gradient is a chain of sums; the floor counts the terms of the longest one (tokens x width) at the
-    gradient's own magnitude."""
-    from conftest import assert_fa_rule, fa_floor
-
-    (lo, go), (lr, gr), (ln, gn) = ours, oracle, naive
-    assert go.keys() == gr.keys(), f"{name}: gradients reach {sorted(set(go) ^ set(gr))} on one side only"
-    n = 4096
-    assert_fa_rule(f"{name} loss", lo, lr, ln if torch.isfinite(ln) else None,
-                   floor=fa_floor(torch.float64, abs(float(lr)), n), seed=seed)
-    for p in gr:
-        naive_p = gn[p] if torch.isfinite(gn[p]).all() else None
-        assert_fa_rule(f"{name} grad {p}", go[p], gr[p], naive_p, factor=3.0,
-                       floor=fa_floor(torch.float64, gr[p].abs().max().item(), n), seed=seed)
-
+# (the float64 oracle, the tiny models and the FA-rule check live in hf_training.py, shared with test_training.py)
 
 def _padded(kind, seed):
     g = torch.Generator().manual_seed(seed)
@@ -194,12 +101,12 @@ def _padded(kind, seed):
 @pytest.mark.parametrize("kind", ["plain", "left", "right"])
 def test_training_matches_eager(arch, kind, seed):
     """Loss and every parameter's gradient of one training forward + backward, float64, against eager."""
-    ours, oracle, eager = _train_models(arch, [NAME, ORACLE, "eager"], seed)
+    ours, oracle, eager = train_models(arch, [NAME, ORACLE, "eager"], seed)
     batch = _padded(kind, seed)
     if kind == "plain":
         del batch["attention_mask"], batch["position_ids"]
-    results = [_loss_and_grads(m, **batch) for m in (ours, oracle, eager)]
-    _assert_training_matches(f"{arch} {kind}", *results, seed)
+    results = [loss_and_grads(m, **batch) for m in (ours, oracle, eager)]
+    assert_training_matches(f"{arch} {kind}", *results, seed)
 
 
 DOCS = [7, 11, 5]
@@ -223,20 +130,20 @@ def _packed_row(seed, vocab=320):
 def test_packed_row_equals_documents_one_by_one(arch, via, seed):
     """A packed row's summed loss and its gradients equal the documents' run one at a time (eager and the
     oracle on each document alone; memattn on the packed row, never attending across documents)."""
-    ours, oracle, eager = _train_models(arch, [NAME, ORACLE, "eager"], seed)
+    ours, oracle, eager = train_models(arch, [NAME, ORACLE, "eager"], seed)
     docs, packed, cu = _packed_row(seed)
     if via == "cu_seq_lens":
         packed.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max(DOCS), max_length_k=max(DOCS))
-    res_ours = _loss_and_grads(ours, **packed)
+    res_ours = loss_and_grads(ours, **packed)
 
     def one_by_one(model):
         if arch == "gpt_oss" and via == "position_ids":
             # gpt-oss's model does not hand position_ids to its mask functions, so transformers itself masks
             # the row as one sequence there: the reference is then the packed row under transformers' mask
-            return _loss_and_grads(model, **packed)
-        return _grads(model, lambda: sum(_summed_loss(model, input_ids=d, labels=d) for d in docs))
+            return loss_and_grads(model, **packed)
+        return grads_of(model, lambda: sum(summed_loss(model, input_ids=d, labels=d) for d in docs))
 
-    _assert_training_matches(f"{arch} packed via {via}", res_ours, one_by_one(oracle), one_by_one(eager), seed)
+    assert_training_matches(f"{arch} packed via {via}", res_ours, one_by_one(oracle), one_by_one(eager), seed)
 
 
 def test_mask_is_compact_and_never_dense():
@@ -270,7 +177,7 @@ def test_model_masks_read_as_structure():
     """What transformers composes for packed rows and sliding layers is read back exactly (no tile path)."""
     from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
-    (model,) = _train_models("qwen2", [NAME], 0)
+    (model,) = train_models("qwen2", [NAME], 0)
     _, packed, cu = _packed_row(0)
     kw = dict(config=model.config, inputs_embeds=model.model.embed_tokens(packed["input_ids"]), attention_mask=None,
               cache=None, position_ids=packed["position_ids"])
@@ -285,7 +192,7 @@ def test_custom_mask_function_through_a_model(arch, seed):
     through the tile-by-tile path and equals the oracle on the same dense mask."""
     from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
-    ours, oracle = _train_models(arch, [NAME, ORACLE], seed)
+    ours, oracle = train_models(arch, [NAME, ORACLE], seed)
     ids = torch.randint(3, 320, (2, 29), generator=torch.Generator().manual_seed(seed))
 
     def no_key_7(b, h, q, kv):
