@@ -16,9 +16,11 @@ from hf_training import (NAME, ORACLE, TRAIN_CONFIGS, assert_training_matches, g
 from memattn import training  # noqa: E402
 from memattn.training.enable import _decoder_layers  # noqa: E402
 
-# gpt-oss with its router's balance loss switched on (enable() must add it as the model does)
+# gpt-oss with its router's balance loss switched on (enable() must add it as the model does); Gemma 2 with its
+# final logit softcap (the chunked loss must apply it)
 CONFIGS = dict(TRAIN_CONFIGS, gpt_oss=dict(TRAIN_CONFIGS["gpt_oss"], output_router_logits=True,
-                                           router_aux_loss_coef=0.5))
+                                           router_aux_loss_coef=0.5),
+               gemma2=dict(TRAIN_CONFIGS["gemma2"], final_logit_softcapping=2.0))
 
 
 def _models(arch, impls, seed):

@@ -77,8 +77,11 @@ def _check_switchable(model, attention, checkpointing, loss):
 def _set_checkpointing(model, every: int | None) -> None:
     layers = _decoder_layers(model)
     if every is None:
-        if model.is_gradient_checkpointing:
-            model.gradient_checkpointing_disable()
+        on = getattr(model, "is_activation_checkpointing", None)
+        if on is None:  # transformers < 5
+            on = model.is_gradient_checkpointing
+        if on:
+            getattr(model, "activation_checkpointing_disable", model.gradient_checkpointing_disable)()
         return
     kwargs = {"use_reentrant": False}  # non-reentrant: keyword arguments (masks, positions) pass through
     if hasattr(model, "activation_checkpointing_enable"):
