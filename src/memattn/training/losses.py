@@ -116,12 +116,15 @@ def linear_cross_entropy_reference(hidden: torch.Tensor, weight: torch.Tensor, l
     h2, lab, valid, lead, _ = _prepare(hidden, weight, labels, bias, chunk, ignore_index, reduction, shift,
                                        num_items_in_batch)
     cap = _check_softcap(softcap)
-    logits = F.linear(h2, weight, bias)
+    # Only the rows with a target enter: an ignored row holds no loss and takes no part in any gradient, even
+    # where its hidden state or logits are NaN or inf (a padding position's).
+    logits = F.linear(h2[valid], weight, bias)
     if logits.dtype in _HALF_DTYPES:
         logits = logits.float()
     if cap:
         logits = cap * torch.tanh(logits / cap)
-    rows = F.cross_entropy(logits, lab, ignore_index=ignore_index, reduction="none")
+    rows = torch.zeros(lab.shape, dtype=logits.dtype, device=logits.device)
+    rows = rows.masked_scatter(valid, F.cross_entropy(logits, lab[valid], reduction="none"))
     if reduction == "none":
         return rows.reshape(lead)
     total = rows.sum()
@@ -179,7 +182,7 @@ def _prepare(hidden, weight, labels, bias, chunk, ignore_index, reduction, shift
     elif chunk < 1:
         raise ValueError(f"chunk must be a positive int, got {chunk}")
     lab = labels.long()
-    if shift:
+    if shift and lab.shape[-1]:  # (an empty row stays empty: padding it would make up a target)
         lab = F.pad(lab[..., 1:], (0, 1), value=ignore_index)
     lab = lab.reshape(-1)
     valid = lab != ignore_index
@@ -311,13 +314,27 @@ def _chunked(h2, weight, bias, safe, valid, chunk, cap=0.0, *, grads=(False, Fal
             z.mul_(okf / sums).scatter_add_(1, lab, -okf)
             if cap:
                 buf.uncap_grad(z)
-            _backprop_chunk(z, mm_out, h_c, buf.weight, gh[s:e] if need_h else None, gw, gb, gw_part)
+            h_c, ignored = _zero_ignored_rows(z, h_c, ok)
+            _backprop_chunk(z, mm_out, h_c, buf.weight, gh[s:e] if need_h else None, gw, gb, gw_part, ignored)
     return total, rows_out, lse_out, (gh, gw, gb)
 
 
-def _backprop_chunk(g, mm_buf, h_c, weight, gh_rows, gw, gb, gw_part):
+def _zero_ignored_rows(g, h_c, ok):
+    """Rows without a target take no part in any gradient: their rows of the logits' gradient `g` become
+    exactly 0 (in place; multiplying by 0 would leave a NaN or inf logit NaN), and the chunk's hidden rows
+    that grad_weight reads become 0 in a copy (0 x a NaN hidden state of a padding position is NaN). Returns
+    the hidden rows to use and the ignored rows' indices (None when there are none: their grad_hidden rows,
+    g @ weight, are 0 x weight, NaN against an inf weight, and are zeroed after by the caller)."""
+    if bool(ok.all()):
+        return h_c, None
+    idx = torch.nonzero(~ok).squeeze(1)
+    g.index_fill_(0, idx, 0.0)
+    return h_c.index_fill(0, idx, 0.0), idx
+
+
+def _backprop_chunk(g, mm_buf, h_c, weight, gh_rows, gw, gb, gw_part, ignored=None):
     """Add the chunk's contributions through its logits' gradient `g` (accumulation dtype): write
-    gh_rows = g @ weight, add g.T @ h_c to gw and g's column sums to gb."""
+    gh_rows = g @ weight (0 at the `ignored` rows), add g.T @ h_c to gw and g's column sums to gb."""
     if gb is not None:
         gb.add_(g.sum(0))
     if mm_buf is not g:
@@ -331,6 +348,8 @@ def _backprop_chunk(g, mm_buf, h_c, weight, gh_rows, gw, gb, gw_part):
             torch.mm(g_mm, weight, out=gh_rows)
         else:
             gh_rows.copy_(torch.mm(g_mm, weight))
+        if ignored is not None:
+            gh_rows.index_fill_(0, ignored, 0.0)
     if gw is not None:
         if gw_part is None:
             gw.addmm_(g_mm.t(), h_c)
@@ -399,6 +418,7 @@ class _RecomputeCE(torch.autograd.Function):
                 z.sub_(lse[s:e, None]).exp_().mul_(w).scatter_add_(1, safe[s:e, None], -w)
                 if ctx.cap:
                     buf.uncap_grad(z)
-                _backprop_chunk(z, mm_out, h_c, buf.weight, gh[s:e] if need_h else None, gw, gb, gw_part)
+                h_c, ignored = _zero_ignored_rows(z, h_c, valid[s:e])
+                _backprop_chunk(z, mm_out, h_c, buf.weight, gh[s:e] if need_h else None, gw, gb, gw_part, ignored)
         out = tuple(None if g is None else g.to(t.dtype) for g, t in zip((gh, gw, gb), (h2, weight, bias)))
         return (*out, None, None, None, None)
