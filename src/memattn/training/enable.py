@@ -102,8 +102,10 @@ def _set_release(model, state, on: bool) -> None:
     for handle in state.pop("release_hooks", ()):
         handle.remove()
     if on:
-        state["release_hooks"] = [layer.register_forward_hook(lambda *_: release_freed_memory() and None)
-                                  for layer in _decoder_layers(model)]
+        def release(*_):   # returns None: a forward hook's result would replace the layer's output
+            release_freed_memory()
+
+        state["release_hooks"] = [layer.register_forward_hook(release) for layer in _decoder_layers(model)]
 
 
 def _chunked_forward(model, original_forward, capture: _HeadCapture, chunk):
