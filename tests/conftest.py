@@ -248,6 +248,17 @@ def grads(outputs, inputs, seed=123):
     return tuple(torch.zeros_like(x) if g is None else g for g, x in zip(gs, inputs))
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of small tensors: on a shared 2-core machine OpenMP hand-offs cost
+    more than they save (linear attention's recurrent form's 1000 tiny steps ran 30x slower with 2 threads
+    under load). Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def seed(request):
     """A fresh seed per test, stable across runs so a failure reproduces."""

@@ -17,14 +17,7 @@ from memattn.ops.linear import FavorFeatures, LinearAttentionState, favor_sweep,
 F64_TOL = 1e-10  # float64 paths with other feature maps than elu: relative to the reference's largest magnitude
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # These tensors are small: on a shared 2-core machine OpenMP hand-offs cost more than they save
-    # (the recurrent form's 1000 tiny steps ran 30x slower with 2 threads under load).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small tensors: see conftest.one_thread
 
 
 @pytest.fixture

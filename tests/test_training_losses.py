@@ -22,13 +22,7 @@ from memattn.training.losses import default_chunk, linear_cross_entropy_referenc
 DTYPES = [torch.bfloat16, torch.float32, torch.float64]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Small tensors on a shared 2-core machine: OpenMP hand-offs cost more than they save.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small tensors: see conftest.one_thread
 
 
 def make(seed, lead, h, v, dtype, *, bias=True, ignore=0.2, ignore_index=-100):

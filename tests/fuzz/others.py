@@ -966,6 +966,116 @@ def check_gguf(case):
 
 # ------------------------------------------------------------------------------------------ the rows
 
+# ------------------------------------------------------------------------------ training.linear_cross_entropy
+
+LCE_INVALID = {"hidden_dim": ("hidden", "weight"), "labels_shape": ("labels",), "labels_dtype": ("labels",),
+               "labels_range": ("labels",), "bias_shape": ("bias",), "chunk": ("chunk",),
+               "reduction": ("reduction",), "softcap": ("softcap",), "num_items": ("num_items_in_batch",)}
+
+
+@st.composite
+def linear_ce_cases(draw):
+    return {"n": draw(st.sampled_from([0, 1, 3, 17])), "h": draw(st.sampled_from([1, 4, 16])),
+            "v": draw(st.sampled_from([1, 2, 7, 50])), "dtype": draw(st.sampled_from(list(DT))),
+            "chunk": draw(st.sampled_from([None, 1, 4, 64])), "bias": draw(st.booleans()),
+            "reduction": draw(st.sampled_from(["mean", "sum", "none"])), "shift": draw(st.booleans()),
+            "softcap": draw(st.sampled_from([None, 0.0, 2.5])), "ignore": draw(st.sampled_from([0.0, 0.3, 1.0])),
+            "special": draw(st.sampled_from([""] * 4 + ["nan_row", "inf_weight"])),
+            "seed": draw(st.integers(0, 2**31 - 1)),
+            "invalid": draw(st.sampled_from([""] * 8 + list(LCE_INVALID)))}
+
+
+def _lce_floors(case, hidden, weight, bias, labels, cot):
+    """fa_floor of the loss and of each gradient (the derivation of tests/test_training_losses.floors: a
+    logit sums H products, a row's lse V exponentials, the loss N rows; a gradient row V or N terms of at
+    most s = the cotangent's largest weight per row); the softcap's derivative is <= 1."""
+    from conftest import fa_floor
+
+    dt, (n, h), v = hidden.dtype, hidden.shape, weight.shape[0]
+    valid = int((labels != -100).sum())
+    denom = max(valid, 1) if case["reduction"] == "mean" else 1
+    mh, mw, mb = amax(hidden), amax(weight), amax(bias)
+    e_z = fa_floor(dt, mh * mw, h) + fa_floor(dt, mb, 1)
+    e_l = fa_floor(dt, 1.0, v) + e_z
+    row = e_l + e_z
+    rows_max = 2 * (mh * mw * h + mb) + torch.log(torch.tensor(float(v))).item()
+    loss = row if case["reduction"] == "none" else (n ** 0.5 * row + fa_floor(dt, rows_max, n)) / denom
+    s = amax(cot) / denom
+    return {"loss": loss, "hidden": fa_floor(dt, s * mw, v) + 2 * e_l * s * mw,
+            "weight": fa_floor(dt, s * mh, n) + n ** 0.5 * 2 * e_l * s * mh,
+            "bias": fa_floor(dt, s, n) + n ** 0.5 * 2 * e_l * s}
+
+
+def check_linear_ce(case):
+    from memattn.training import linear_cross_entropy
+    from memattn.training.losses import linear_cross_entropy_reference
+
+    dt = DT[case["dtype"]]
+    n, h, v = case["n"], case["h"], case["v"]
+    hidden = _randn((n, h), dt, case["seed"])
+    weight = _randn((v, h), dt, case["seed"] + 1)
+    bias = _randn((v,), dt, case["seed"] + 2) if case["bias"] else None
+    g = torch.Generator().manual_seed(case["seed"] + 3)
+    labels = torch.randint(0, v, (n,), generator=g)
+    labels[torch.rand(n, generator=g) < case["ignore"]] = -100
+    if case["special"] == "nan_row" and n:
+        hidden[n // 2] = float("nan")
+    elif case["special"] == "inf_weight":
+        weight[0, 0] = float("inf")
+    kw = dict(bias=bias, chunk=case["chunk"], reduction=case["reduction"], shift=case["shift"],
+              softcap=case["softcap"])
+    bad = case["invalid"]
+    if bad:
+        args = [hidden, weight, labels]
+        if bad == "hidden_dim":
+            args[0] = _randn((n, h + 1), dt, 0)
+        elif bad == "labels_shape":
+            args[2] = labels[:, None].expand(n, 2)
+        elif bad == "labels_dtype":
+            args[2] = labels.float()
+        elif bad == "labels_range":
+            if n == 0 or (case["shift"] and n == 1):
+                return
+            args[2] = labels.clone().fill_(v)
+        elif bad == "bias_shape":
+            kw["bias"] = _randn((v + 1,), dt, 0)
+        elif bad == "chunk":
+            kw["chunk"] = 0
+        elif bad == "reduction":
+            kw["reduction"] = "avg"
+        elif bad == "softcap":
+            kw["softcap"] = -1.0
+        else:
+            if kw["reduction"] == "mean":
+                return
+            kw["num_items_in_batch"] = 3
+        expect_error(lambda: linear_cross_entropy(*args, **kw), LCE_INVALID[bad])
+        return
+    leaves = [t for t in (hidden, weight, bias) if t is not None]
+    low = [t.clone().requires_grad_() for t in leaves]
+    high = [t.double().requires_grad_() for t in leaves]
+
+    def run(fn, ts):
+        b = ts[2] if bias is not None else None
+        out = fn(ts[0], ts[1], labels, **dict(kw, bias=b))
+        return out
+
+    ours = must_run(lambda: run(linear_cross_entropy, low))
+    ref = run(linear_cross_entropy_reference, high)
+    naive = run(linear_cross_entropy_reference, [t.clone().requires_grad_() for t in leaves])
+    cot = torch.randn(tuple(ref.shape), generator=torch.Generator().manual_seed(case["seed"] + 4), dtype=torch.float64)
+    fl = _lce_floors(case, hidden, weight, bias, labels if not case["shift"] else
+                     torch.nn.functional.pad(labels[1:], (0, 1), value=-100), cot)
+
+    compare("loss", ours, ref, naive.to(ours.dtype), floor=fl["loss"])
+    if ref.numel() == 0:
+        return
+    g_ours = torch.autograd.grad((ours * cot.to(ours.dtype)).sum(), low, allow_unused=True)
+    g_ref = torch.autograd.grad((ref * cot).sum(), high, allow_unused=True)
+    for what, go, gr in zip(("hidden", "weight", "bias"), g_ours, g_ref):
+        compare(f"grad_{what}", go, gr, None, floor=fl[what], factor=3.0, nan_only_pattern=True)
+
+
 def ROWS(Entry):
     rows = [Entry("attention_varlen", varlen_cases(), check_varlen, quick=40)]
     for name, decode, dtypes, scores, options in PAGED_VARIANTS:
@@ -989,5 +1099,6 @@ def ROWS(Entry):
         Entry("cli.parse_args", cli_cases(), check_cli, quick=60),
         Entry("SamplingParams+LLM.add_request", request_cases(), check_request, quick=40),
         Entry("gguf.load_gguf[corrupted]", gguf_cases(), check_gguf, quick=16),
+        Entry("training.linear_cross_entropy", linear_ce_cases(), check_linear_ce, quick=40),
     ]
     return rows
