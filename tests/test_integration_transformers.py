@@ -182,8 +182,8 @@ def test_model_masks_read_as_structure():
     kw = dict(config=model.config, inputs_embeds=model.model.embed_tokens(packed["input_ids"]), attention_mask=None,
               cache=None, position_ids=packed["position_ids"])
     full, sliding = create_causal_mask(**kw), create_sliding_window_causal_mask(**kw)
-    assert full.tiles is None and full.window == (-1, 0) and torch.equal(full.cu_seqlens(), cu)
-    assert sliding.tiles is None and sliding.window == (5, 0) and torch.equal(sliding.cu_seqlens(), cu)
+    assert full.tiles is None and full.window == (-1, 0) and torch.equal(full.cu_seqlens, cu)
+    assert sliding.tiles is None and sliding.window == (5, 0) and torch.equal(sliding.cu_seqlens, cu)
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "gemma2"])  # models that take a prepared {layer type: mask}

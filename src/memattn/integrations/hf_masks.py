@@ -21,6 +21,7 @@ index-based mask function, so a change in transformers costs speed, never correc
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +29,11 @@ import torch
 from ..masks import KeyPaddingMask, Mask, WindowMask, combine
 
 # ------------------------------------------------------------------ the description handed to attention
+
+
+def tighter_window(window: tuple, other: tuple) -> tuple:
+    """The intersection of two (left, right) windows, -1 = unbounded on that side."""
+    return tuple(b if a < 0 else (a if b < 0 else min(a, b)) for a, b in zip(window, other))
 
 
 @dataclass(frozen=True)
@@ -63,14 +69,17 @@ class CompactMask:
             raise ValueError(f"the mask was built for (Sq, Sk) = ({self.q_length}, {self.kv_length}), "
                              f"attention got ({seqlen_q}, {seqlen_k})")
 
-    def as_mask(self) -> Mask | None:
-        """One ``memattn.masks`` object for ``memattn.attention`` (documents excepted: see ``cu_seqlens``)."""
+    def as_mask(self, window: tuple = (-1, -1)) -> Mask | None:
+        """One ``memattn.masks`` object for ``memattn.attention`` (documents excepted: see ``cu_seqlens``);
+        `window` (left, right) is intersected with the mask's own (a module's sliding window)."""
         if self.tiles is not None:
             return self.tiles
-        window = None if self.window == (-1, -1) else WindowMask(*self.window)
+        window = tighter_window(self.window, window)
+        window = None if window == (-1, -1) else WindowMask(*window)
         padding = None if self.key_padding is None else KeyPaddingMask(self.key_padding)
         return combine(window, padding)
 
+    @functools.cached_property   # one mask serves every layer of a forward
     def cu_seqlens(self) -> torch.Tensor:
         """int32 (documents + 1,) boundaries of every document of every row, rows laid end to end."""
         docs = self.documents
@@ -146,9 +155,7 @@ class _Parts:
     remapped: bool = False   # a window read through packed positions (exact only within documents)
 
     def bound(self, left=-1, right=-1):
-        def tighter(a, b):
-            return b if a < 0 else (a if b < 0 else min(a, b))
-        self.left, self.right = tighter(self.left, left), tighter(self.right, right)
+        self.left, self.right = tighter_window((self.left, self.right), (left, right))
 
 
 def _free_vars(fn) -> dict:
@@ -204,7 +211,7 @@ def describe(mask_function, *, batch, q_length, kv_length, q_offset, kv_offset, 
         kv_offset = int(kv_offset)
     tiles = CompactMask(batch, q_length, kv_length, tiles=MaskFunctionTiles(
         mask_function, batch=batch, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
-        kv_offset=kv_offset, padding=padding, use_vmap=use_vmap))
+        kv_offset=kv_offset, padding=padding, use_vmap=use_vmap))   # the answer whenever the structure is not exact
     parts = _Parts()
     try:
         _read(mask_function, parts, mu)
@@ -242,4 +249,4 @@ def compact_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_
                     use_vmap=use_vmap)
 
 
-__all__ = ["CompactMask", "MaskFunctionTiles", "compact_mask", "describe"]
+__all__ = ["CompactMask", "MaskFunctionTiles", "compact_mask", "describe", "tighter_window"]

@@ -17,21 +17,14 @@ GPT-2, gpt-oss and BERT.
 """
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 
 from ..masks import DenseMask, WindowMask, combine
 from ..ops.dispatch import attention
 from ..ops.varlen import attention_varlen
-from .hf_masks import CompactMask, compact_mask
+from .hf_masks import CompactMask, compact_mask, tighter_window
 
 NAME = "memattn"
-
-
-def _tighter(window: tuple, other: tuple) -> tuple:
-    """The intersection of two (left, right) windows (-1 = unbounded)."""
-    return tuple(b if a < 0 else (a if b < 0 else min(a, b)) for a, b in zip(window, other))
 
 
 def _model_window(sliding_window, causal: bool) -> tuple:
@@ -82,14 +75,17 @@ def memattn_attention(module, query, key, value, attention_mask, *, scaling=None
             raise ValueError(f"cu_seq_lens end at {int(cu[-1])} tokens but the batch holds (B, Sq, Sk) = "
                              f"({q.shape[0]}, {q.shape[1]}, {k.shape[1]})")
         return _packed(q, k, v, cu, _model_window(sliding_window, causal_module), **kw), None
+    module_window = _model_window(sliding_window, causal_module) if sliding_window else None
     if isinstance(attention_mask, CompactMask):
         attention_mask.check(q.shape[1], k.shape[1])
-        if attention_mask.tiles is None:  # the structure is exact: fold the module's window into it
-            window = _tighter(attention_mask.window, _model_window(sliding_window, False))
-            attention_mask = dataclasses.replace(attention_mask, window=window)
+        if attention_mask.tiles is None:  # exact structure: the module's window folds into the mask's own
+            own = _model_window(sliding_window, False)
             if attention_mask.documents is not None:
-                return _packed(q, k, v, attention_mask.cu_seqlens(), window, **kw), None
-        mask = attention_mask.as_mask()
+                window = tighter_window(attention_mask.window, own)
+                return _packed(q, k, v, attention_mask.cu_seqlens, window, **kw), None
+            mask, module_window = attention_mask.as_mask(own), None
+        else:
+            mask = attention_mask.tiles
     elif isinstance(attention_mask, torch.Tensor):
         mask = _dense(attention_mask, q, k)
     elif attention_mask is None:
@@ -98,8 +94,8 @@ def memattn_attention(module, query, key, value, attention_mask, *, scaling=None
     else:
         raise TypeError(f"memattn attention takes a CompactMask, a 4-D tensor or None as attention_mask, "
                         f"got {type(attention_mask).__name__}")
-    if sliding_window:
-        mask = combine(mask, WindowMask(*_model_window(sliding_window, causal_module)))
+    if module_window is not None:
+        mask = combine(mask, WindowMask(*module_window))
     causal = isinstance(mask, WindowMask) and (mask.left, mask.right) == (-1, 0)
     out = attention(q, k, v, causal=causal, mask=None if causal else mask, **kw)
     return out, None

@@ -24,6 +24,8 @@ How, in order of preference:
 """
 from __future__ import annotations
 
+import functools
+
 import sys
 
 from .measure import Measurement
@@ -41,7 +43,15 @@ def _status_bytes(field: str) -> int | None:
     return None
 
 
-_LIBC = []
+@functools.lru_cache(maxsize=1)
+def _malloc_trim():
+    """glibc's ``malloc_trim``, or None without glibc (looked up once)."""
+    try:
+        import ctypes
+
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
 
 
 def release_freed_memory() -> bool:
@@ -52,16 +62,10 @@ def release_freed_memory() -> bool:
     (tens of MiB each at long context) leave holes between the tensors kept for backward, and the process's
     resident memory follows the heap's high-water mark rather than its live tensors. ``malloc_trim(0)``
     returns every whole free page, holes included (madvise). Best effort: a no-op without glibc."""
-    if not _LIBC:
-        try:
-            import ctypes
-
-            _LIBC.append(ctypes.CDLL("libc.so.6").malloc_trim)
-        except (OSError, AttributeError):
-            _LIBC.append(None)
-    if _LIBC[0] is None:
+    trim = _malloc_trim()
+    if trim is None:
         return False
-    _LIBC[0](0)
+    trim(0)
     return True
 
 

@@ -127,9 +127,8 @@ def _chunked_forward(model, original_forward, capture: _HeadCapture, chunk):
                                "take its input")
         head = model.get_output_embeddings()
         targets, shift = (shift_labels, False) if shift_labels is not None else (labels, True)
-        extra = {"softcap": softcap} if softcap else {}
         loss = linear_cross_entropy(hidden, head.weight, targets.to(hidden.device), bias=head.bias, chunk=chunk,
-                                    shift=shift, num_items_in_batch=num_items_in_batch, **extra)
+                                    shift=shift, num_items_in_batch=num_items_in_batch, softcap=softcap)
         aux = getattr(out, "aux_loss", None)   # mixture-of-experts balance loss, added as the model would
         if aux is not None:
             loss = loss + getattr(model.config, "router_aux_loss_coef", 0.0) * aux.to(loss.device)
